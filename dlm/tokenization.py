@@ -1,0 +1,220 @@
+"""Special tokens, the chat template, and offline tokenizer training for any masked-LM tokenizer.
+
+The diffusion pipeline needs, from any MLM tokenizer:
+  * a mask token (the noise), a pad token, and explicit BOS/EOS (BERT-style [CLS]/[SEP] play those roles);
+  * chat markers: one start token per role and one end-of-turn token.
+
+Rendering of a chat (no whitespace is inserted around the markers, so that the generation
+prompt is always an exact token prefix of the training rendering, for any tokenizer):
+
+    [BOS]<|system|>You are terse.<|eot|><|user|>Hi<|eot|><|assistant|>Hello!<|eot|>
+
+Chat markers reuse the tokenizer's reserved entries (ModernBERT ships `[unused0]`...) so the
+embedding matrix keeps its size; only when there are too few are new tokens added, and then
+the embedding matrix must grow to `embedding_size_for(...)` (a multiple of 64).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from dlm.cli import UsageError
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+ROLE_TOKENS = {role: f"<|{role}|>" for role in ROLES}
+EOT_TOKEN = "<|eot|>"
+CHAT_TOKENS = (*ROLE_TOKENS.values(), EOT_TOKEN)
+
+# Reserved-token spellings of common tokenizers, reused (in id order) before adding new tokens.
+_UNUSED_PATTERN = re.compile(r"^(\[unused\d+\]|<unused\d+>|<\|reserved_special_token_\d+\|>|<extra_id_\d+>)$")
+
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{- raise_exception('chat role must be system, user or assistant, got ' + message['role']) -}}"
+    "{%- endif -%}"
+    "{{- '<|' + message['role'] + '|>' + message['content'] + '" + EOT_TOKEN + "' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
+)
+
+EMBEDDING_MULTIPLE = 64
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """Ids of the tokens the diffusion pipeline relies on."""
+
+    mask: int
+    pad: int
+    bos: int
+    eos: int
+    eot: int
+    system: int
+    user: int
+    assistant: int
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Tokens that end a generation (end of turn or end of sequence)."""
+        return (self.eot, self.eos)
+
+
+def special_ids(tokenizer: PreTrainedTokenizerFast) -> SpecialIds:
+    """Special ids of a tokenizer prepared by `prepare_tokenizer`."""
+    ids = {}
+    for name, token in [("eot", EOT_TOKEN), *((role, tok) for role, tok in ROLE_TOKENS.items())]:
+        idx = tokenizer.convert_tokens_to_ids(token)
+        if idx is None or idx == tokenizer.unk_token_id:
+            raise UsageError(f"tokenizer has no {token} token: prepare it with tokenizer.py first")
+        ids[name] = idx
+    if tokenizer.mask_token_id is None:
+        raise UsageError("tokenizer has no mask token")
+    return SpecialIds(
+        mask=tokenizer.mask_token_id,
+        pad=tokenizer.pad_token_id,
+        bos=tokenizer.bos_token_id,
+        eos=tokenizer.eos_token_id,
+        **ids,
+    )
+
+
+def is_prepared(tokenizer: PreTrainedTokenizerFast) -> bool:
+    vocab = tokenizer.get_vocab()
+    return all(t in vocab for t in CHAT_TOKENS) and tokenizer.chat_template == CHAT_TEMPLATE
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
+    """Load a tokenizer from the hub or a folder, as prepared for diffusion (idempotent)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot load a tokenizer from {name_or_path!r}: {str(err).splitlines()[0]}") from None
+    return prepare_tokenizer(tokenizer, source=name_or_path)
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerFast, source: str = "tokenizer") -> PreTrainedTokenizerFast:
+    """Make special-token roles explicit, add the chat markers and the chat template."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise UsageError(f"{source}: a fast (Rust) tokenizer is required")
+    if tokenizer.mask_token is None:
+        raise UsageError(f"{source}: the tokenizer has no mask token, so it cannot be used as a masked diffusion model")
+    if is_prepared(tokenizer):
+        return tokenizer
+
+    missing = [t for t in CHAT_TOKENS if t not in tokenizer.get_vocab()]
+    reusable = _unused_tokens(tokenizer)
+    renames = dict(zip(reusable, missing))
+    if renames:
+        tokenizer = _rename_tokens(tokenizer, renames)
+        logger.info("reused reserved tokens for %s", ", ".join(f"{a}->{b}" for a, b in renames.items()))
+    to_add = missing[len(renames):]
+    if to_add:
+        logger.info("adding %d new special tokens %s: grow the embeddings to a multiple of %d",
+                    len(to_add), to_add, EMBEDDING_MULTIPLE)
+
+    roles = {}
+    roles["bos_token"] = tokenizer.bos_token or tokenizer.cls_token
+    roles["eos_token"] = tokenizer.eos_token or tokenizer.sep_token
+    if roles["bos_token"] is None or roles["eos_token"] is None:
+        raise UsageError(f"{source}: the tokenizer has neither BOS/EOS nor [CLS]/[SEP] tokens")
+    roles["pad_token"] = tokenizer.pad_token or roles["eos_token"]
+    tokenizer.add_special_tokens(roles)
+    tokenizer.add_special_tokens({"extra_special_tokens": list(CHAT_TOKENS)}, replace_extra_special_tokens=False)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _unused_tokens(tokenizer: PreTrainedTokenizerFast) -> list[str]:
+    found = [(i, t) for t, i in tokenizer.get_vocab().items() if _UNUSED_PATTERN.match(t)]
+    return [t for _, t in sorted(found)]
+
+
+def _rename_tokens(tokenizer: PreTrainedTokenizerFast, renames: dict[str, str]) -> PreTrainedTokenizerFast:
+    """Rename reserved tokens in place (same ids) by editing the serialized Rust tokenizer."""
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    for entry in state.get("added_tokens", []):
+        if entry["content"] in renames:
+            entry["content"] = renames[entry["content"]]
+            entry["special"] = True
+    vocab = state.get("model", {}).get("vocab")
+    if isinstance(vocab, dict):
+        for old, new in renames.items():
+            if old in vocab:
+                vocab[new] = vocab.pop(old)
+    backend = Tokenizer.from_str(json.dumps(state))
+    kwargs = {k: getattr(tokenizer, k) for k in
+              ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+              if getattr(tokenizer, k, None) is not None}
+    new = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=tokenizer.model_max_length, **kwargs)
+    new.padding_side = tokenizer.padding_side
+    if hasattr(tokenizer, "model_input_names"):
+        new.model_input_names = list(tokenizer.model_input_names)
+    return new
+
+
+def embedding_size_for(tokenizer: PreTrainedTokenizerFast, current_size: int) -> int:
+    """Embedding rows a model needs for this tokenizer: unchanged if it fits, else padded to 64."""
+    n = len(tokenizer)
+    if n <= current_size:
+        return current_size
+    return -(-n // EMBEDDING_MULTIPLE) * EMBEDDING_MULTIPLE
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerFast) -> str:
+    """A short hash of the vocabulary: data prepared with one tokenizer must not feed another."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def render_chat(tokenizer: PreTrainedTokenizerFast, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def encode_chat(tokenizer: PreTrainedTokenizerFast, messages: Sequence[dict], add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of a rendered chat (special tokens come from the template, none are added)."""
+    text = render_chat(tokenizer, messages, add_generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def train_tokenizer(files: Iterable[str | Path] | None = None, vocab_size: int = 8192,
+                    texts: Iterable[str] | None = None, num_unused: int = 8) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer offline (for from-scratch models and tests), ready for diffusion.
+
+    It carries BERT-style special tokens and `num_unused` reserved `[unusedN]` entries, which
+    the chat markers then reuse, exactly as with a ModernBERT tokenizer.
+    """
+    specials = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"] + [f"[unused{i}]" for i in range(num_unused)]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    if texts is None:
+        paths = [str(p) for p in (files or [])]
+        for p in paths:
+            if not Path(p).is_file():
+                raise UsageError(f"--train_from: {p} is not a readable file")
+        backend.train(paths, trainer)
+    else:
+        backend.train_from_iterator(texts, trainer)
+    cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", cls_token="[CLS]",
+                                        sep_token="[SEP]", pad_token="[PAD]", mask_token="[MASK]",
+                                        model_max_length=8192)
+    return prepare_tokenizer(tokenizer, source="trained tokenizer")

@@ -1,0 +1,115 @@
+"""Model loading, strict weights, embedding growth, and the sparse MLM head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import (AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, GPT2Config,
+                          RobertaConfig, RobertaForMaskedLM)
+
+from dlm.cli import UsageError
+from dlm.modeling import (build_from_scratch, load_checkpoint, load_masked_lm, load_weights_strict,
+                          resize_for_tokenizer, selected_logits, sparse_head_module)
+from dlm.tokenization import train_tokenizer
+
+
+def _bert_like(cls, cfg_cls):
+    torch.manual_seed(0)
+    cfg = cfg_cls(vocab_size=512, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=64, max_position_embeddings=80)
+    return cls(cfg).eval()
+
+
+@pytest.mark.parametrize("name", ["modernbert", "bert", "roberta"])
+def test_sparse_head_equals_full_logits(name, tiny_model_dir):
+    if name == "modernbert":
+        model = AutoModelForMaskedLM.from_pretrained(tiny_model_dir).eval()
+    elif name == "bert":
+        model = _bert_like(BertForMaskedLM, BertConfig)
+    else:
+        model = _bert_like(RobertaForMaskedLM, RobertaConfig)
+    assert sparse_head_module(model) is not None
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(10, 500, (3, 24), generator=g)
+    select = torch.rand(3, 24, generator=g) < 0.3
+    attention = torch.ones_like(ids)
+    attention[1, 18:] = 0
+    sparse = selected_logits(model, ids, select, attention)
+    full = selected_logits(model, ids, select, attention, sparse=False)
+    assert sparse.shape == (int(select.sum()), model.config.vocab_size)
+    torch.testing.assert_close(sparse, full, atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_head_gradients_match(tiny_model_dir):
+    model = AutoModelForMaskedLM.from_pretrained(tiny_model_dir)
+    ids = torch.randint(10, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    select = torch.zeros_like(ids, dtype=torch.bool)
+    select[:, ::3] = True
+    grads = []
+    for sparse in (True, False):
+        model.zero_grad()
+        selected_logits(model, ids, select, sparse=sparse).logsumexp(-1).sum().backward()
+        grads.append(model.model.embeddings.tok_embeddings.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_checkpoint_folder_and_bare_safetensors_round_trip(tiny_model_dir):
+    model, tok = load_checkpoint(str(tiny_model_dir))
+    again, _ = load_checkpoint(str(tiny_model_dir / "model.safetensors"), hf_model_name=str(tiny_model_dir))
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert tok.chat_template and tok.mask_token_id is not None
+
+
+def test_strict_loading_names_mismatched_keys(tiny_model_dir, tmp_path):
+    model = AutoModelForMaskedLM.from_pretrained(tiny_model_dir)
+    state = {k: v.clone().contiguous() for k, v in model.state_dict().items() if "decoder" not in k}
+    state["extra.weight"] = torch.zeros(2)
+    state["model.final_norm.weight"] = torch.zeros(7)
+    path = tmp_path / "bad.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(UsageError) as err:
+        load_weights_strict(model, path)
+    msg = str(err.value)
+    assert "unexpected 1: extra.weight" in msg and "model.final_norm.weight (7,) vs (32,)" in msg
+    assert "missing" in msg and "decoder.bias" in msg
+
+
+def test_partial_checkpoint_and_non_mlm_are_refused(tiny_model_dir, tmp_path):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    with pytest.raises(UsageError, match="no model.safetensors"):
+        load_checkpoint(str(partial))
+    gpt = tmp_path / "gpt2"
+    GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=100).save_pretrained(gpt)
+    with pytest.raises(UsageError, match="not a masked language model"):
+        load_masked_lm(str(gpt))
+
+
+def test_embeddings_grow_to_multiple_of_64_only_when_tokens_were_added():
+    tok = train_tokenizer(texts=["one two three four five six seven"] * 50, vocab_size=260, num_unused=1)
+    assert len(tok) > 260 - 64  # three chat tokens had to be added beyond the one reserved slot
+    model = BertForMaskedLM(BertConfig(vocab_size=len(tok) - 3, hidden_size=16, num_hidden_layers=1,
+                                       num_attention_heads=2, intermediate_size=32))
+    resize_for_tokenizer(model, tok)
+    rows = model.get_input_embeddings().weight.shape[0]
+    assert rows % 64 == 0 and rows >= len(tok) and rows - len(tok) < 64
+    big = BertForMaskedLM(BertConfig(vocab_size=1024, hidden_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=32))
+    resize_for_tokenizer(big, tok)
+    assert big.get_input_embeddings().weight.shape[0] == 1024
+
+
+def test_from_scratch_sizes_and_hf_round_trip(tokenizer, tmp_path):
+    model = build_from_scratch("tiny", tokenizer, max_position_embeddings=128)
+    assert model.config.vocab_size % 64 == 0 and model.config.vocab_size >= len(tokenizer)
+    assert model.config.mask_token_id == tokenizer.mask_token_id
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path).chat_template == tokenizer.chat_template
+    assert loaded.config.hidden_size == 128
+    with pytest.raises(UsageError, match="--model_config"):
+        build_from_scratch("huge", tokenizer)

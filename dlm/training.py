@@ -1,0 +1,420 @@
+"""The Trainer shared by pretraining and SFT, and the command-line arguments of both scripts.
+
+`DiffusionTrainer` is a `transformers.Trainer` whose loss is the masked-diffusion objective of
+`dlm.diffusion`; everything else (accumulation, mixed precision, DDP/FSDP/DeepSpeed, checkpoints
+and exact resume, schedules, logging) is the Trainer's own.
+
+Noise is a pure function of (seed, optimizer step, micro-batch): each step seeds a fresh generator
+instead of drawing from a stateful RNG. So a resumed run draws exactly the noise the uninterrupted
+run would have drawn, and every data-parallel rank draws the same noise for the *global* batch and
+keeps its own rows: a 2-process run has the same antithetic times and masks as a 1-process run
+with the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerFast, Trainer, TrainingArguments
+
+from dlm.cli import UsageError
+from dlm.data import PRETRAIN_FORMAT, SFT_FORMAT, PretrainCollator, SFTCollator, load_prepared
+from dlm.diffusion import EPS, antithetic_times, diffusion_loss, elbo_loss
+from dlm.modeling import MODEL_CONFIGS, build_from_scratch, load_checkpoint, load_masked_lm
+from dlm.tokenization import load_tokenizer, special_ids
+
+logger = logging.getLogger(__name__)
+
+OBJECTIVES = ("pretrain", "sft")
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelArguments:
+    hf_model_name: str | None = field(default=None, metadata={
+        "aliases": ["--model_name_or_path"],
+        "help": "Masked LM to adapt (hub id or local folder, any AutoModelForMaskedLM); with --from_scratch "
+                "only its tokenizer is used."})
+    from_scratch: bool = field(default=False, metadata={
+        "help": "Build a freshly initialised ModernBERT of --model_config size instead of loading weights."})
+    model_config: str = field(default="tiny", metadata={
+        "help": f"Size for --from_scratch: one of {', '.join(MODEL_CONFIGS)}."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
+    sparse_head: bool = field(default=True, metadata={
+        "help": "Run the MLM head only on masked positions (--no_sparse_head computes full logits)."})
+    lora: bool = field(default=False, metadata={
+        "help": "Train LoRA adapters (peft) on all linear layers; final_model/ holds the merged weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+
+
+@dataclass
+class SFTModelArguments(ModelArguments):
+    path_to_pretrained_checkpoint: str | None = field(default=None, metadata={
+        "help": "Diffusion-pretrained weights to fine-tune: a checkpoint folder, or a bare model.safetensors "
+                "(then --hf_model_name gives config and tokenizer). Loading is strict."})
+
+
+@dataclass
+class DataArguments:
+    path_to_prepped_data: str | None = field(default=None, metadata={
+        "aliases": ["--dataset_path"],
+        "help": "Folder written by prepare_pretrain_data.py / prepare_sft_data.py."})
+    crop_probability: float = field(default=0.01, metadata={
+        "help": "Pretraining: fraction of batches cropped to a random length in [1, L]."})
+    mask_eps: float = field(default=EPS, metadata={"help": "Minimum mask probability eps in p = (1-eps)t + eps."})
+
+
+@dataclass
+class DiffusionTrainingArguments(TrainingArguments):
+    """TrainingArguments plus the reference-recipe flag names (DESIGN §1) and defaults for this task."""
+
+    # Reference-recipe names that are plain aliases of Trainer fields.
+    max_steps: int = field(default=-1, metadata={
+        "aliases": ["--num_training_steps"], "help": "Total optimizer steps (overrides --num_train_epochs)."})
+    eval_steps: float | None = field(default=500, metadata={
+        "aliases": ["--evaluation_interval"], "help": "Evaluate the fixed-seed ELBO on the test split every N steps."})
+    save_steps: float = field(default=500, metadata={
+        "aliases": ["--checkpoint_interval"], "help": "Write a checkpoint-N folder every N steps."})
+    warmup_steps: float = field(default=0, metadata={
+        "aliases": ["--num_warmup_steps"], "help": "Linear warmup steps (or a fraction of the run if < 1)."})
+    # Defaults that differ from TrainingArguments.
+    eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate: no, steps or epoch."})
+    logging_steps: float = field(default=10, metadata={"help": "Log the training loss every N steps."})
+    eval_on_start: bool = field(default=True, metadata={
+        "help": "Evaluate before the first step, so the loss curve starts at the initial ELBO."})
+    remove_unused_columns: bool = field(default=False, metadata={
+        "help": "Kept False: the collators need the answer_mask column, which the model does not take."})
+    # Reference-recipe flags with their own semantics.
+    experiment_name: str | None = field(default=None, metadata={
+        "help": "Run name; output goes to --working_directory/--experiment_name (or give --output_dir)."})
+    working_directory: str = field(default="work_dir", metadata={"help": "Parent folder of experiment outputs."})
+    per_gpu_batch_size: int | None = field(default=None, metadata={
+        "help": "Sequences per GPU per optimizer step; must be divisible by --gradient_accumulation_steps "
+                "(micro-batch = per_gpu_batch_size // gradient_accumulation_steps)."})
+    log_wandb: bool = field(default=False, metadata={"help": "Report to Weights & Biases (same as --report_to wandb)."})
+
+    def __post_init__(self):
+        # Translate the recipe flags before TrainingArguments validates and freezes its fields.
+        if self.experiment_name:
+            self.output_dir = str(Path(self.working_directory) / self.experiment_name)
+        if not self.output_dir:
+            raise UsageError("--experiment_name (or --output_dir) is required")
+        if self.per_gpu_batch_size is not None:
+            if self.per_gpu_batch_size < 1 or self.gradient_accumulation_steps < 1:
+                raise UsageError("--per_gpu_batch_size and --gradient_accumulation_steps must be positive")
+            if self.per_gpu_batch_size % self.gradient_accumulation_steps:
+                raise UsageError(f"--per_gpu_batch_size {self.per_gpu_batch_size} is not divisible by "
+                                 f"--gradient_accumulation_steps {self.gradient_accumulation_steps}")
+            self.per_device_train_batch_size = self.per_gpu_batch_size // self.gradient_accumulation_steps
+            self.per_device_eval_batch_size = self.per_device_train_batch_size
+        if self.log_wandb:
+            self.report_to = "wandb"
+        if self.dataloader_pin_memory and not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinning is meaningless (and warns) without an accelerator
+        if self.eval_steps is None or self.eval_steps <= 0:
+            self.eval_strategy = "no"
+        try:
+            super().__post_init__()
+        except ValueError as err:  # TrainingArguments' own validation: still a one-line usage error
+            raise UsageError(str(err).splitlines()[0]) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The Trainer
+# ---------------------------------------------------------------------------------------------
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN/inf: training stops before the optimizer applies the step."""
+
+
+def _noise_seed(*parts: int) -> int:
+    """A 63-bit seed that is a fixed function of integers (same on every process and every run)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h * 0x100000001B3 ^ (p & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class DiffusionTrainer(Trainer):
+    """Trainer with the masked-diffusion loss (DESIGN §4) and a fixed-seed ELBO as eval loss."""
+
+    def __init__(self, *args, mask_id: int, objective: str = "pretrain", sparse_head: bool = True,
+                 crop_probability: float = 0.01, mask_eps: float = EPS, **kwargs):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}")
+        super().__init__(*args, **kwargs)
+        self.mask_id = mask_id
+        self.objective = objective
+        self.sparse_head = sparse_head
+        self.crop_probability = crop_probability if objective == "pretrain" else 0.0
+        self.mask_eps = mask_eps
+        # Our loss is a per-micro-batch mean: let the Trainer divide it by the accumulation steps.
+        self.loss_is_scaled_for_ga = False
+        self._noise_step, self._micro = -1, 0
+        self._eval_batch = 0
+
+    # -- training -----------------------------------------------------------------------------
+    def _step_generator(self, device: torch.device) -> torch.Generator:
+        """Generator for this micro-batch's noise, seeded by (seed, optimizer step, micro-batch index)."""
+        if self.state.global_step != self._noise_step:
+            self._noise_step, self._micro = self.state.global_step, 0
+        gen = torch.Generator(device=device).manual_seed(
+            _noise_seed(self.args.seed, self.state.global_step, self._micro))
+        self._micro += 1
+        return gen
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        input_ids = inputs["input_ids"]
+        maskable = inputs["answer_mask"].bool() if "answer_mask" in inputs else torch.ones_like(input_ids, dtype=torch.bool)
+        if not model.training:  # only reached through Trainer internals; eval goes via prediction_step
+            return self._eval_loss(model, input_ids, maskable)
+        gen = self._step_generator(input_ids.device)
+        world, rank = max(self.args.world_size, 1), self.args.process_index
+        b, length = input_ids.shape
+        # Crop decision and length come first from the shared generator, so all ranks agree.
+        crop_draw = torch.rand(2, generator=gen, device=gen.device).tolist()
+        if crop_draw[0] < self.crop_probability:
+            length = 1 + int(crop_draw[1] * length)
+            input_ids, maskable = input_ids[:, :length], maskable[:, :length]
+        t = antithetic_times(b, gen, offset=rank * b, total=world * b)
+        if self.objective == "pretrain":
+            # Rows have the same width on every rank: draw the global batch's noise, keep our rows.
+            noise = torch.rand((world * b, length), generator=gen, device=gen.device)[rank * b:(rank + 1) * b]
+        else:
+            # SFT widths differ per rank: a per-rank stream keeps the masks independent across ranks.
+            noise = torch.rand((b, length), generator=torch.Generator(gen.device).manual_seed(
+                _noise_seed(self.args.seed, self.state.global_step, self._micro, rank + 1)), device=gen.device)
+        loss = diffusion_loss(model, input_ids, maskable, self.mask_id, t, noise, sparse=self.sparse_head,
+                              eps=self.mask_eps)
+        return (loss, None) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Checked before the optimizer step, so the weights (and every checkpoint) stay finite.
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss.item()}) at step {self.state.global_step + 1}; stopped before "
+                f"applying it, the last good checkpoint in {self.args.output_dir} is intact")
+        return loss
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def evaluate(self, *args, **kwargs):
+        self._eval_batch = 0  # every evaluation replays the same noise: losses are comparable over time
+        return super().evaluate(*args, **kwargs)
+
+    def _eval_loss(self, model, input_ids, maskable) -> torch.Tensor:
+        gen = torch.Generator(device=input_ids.device).manual_seed(
+            _noise_seed(self.args.seed, -1, self._eval_batch, self.args.process_index))
+        self._eval_batch += 1
+        return elbo_loss(model, input_ids, maskable, self.mask_id, gen, sparse=self.sparse_head, eps=self.mask_eps)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        input_ids = inputs["input_ids"]
+        maskable = inputs["answer_mask"].bool() if "answer_mask" in inputs else torch.ones_like(input_ids, dtype=torch.bool)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self._eval_loss(model, input_ids, maskable)
+        return loss.detach(), None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Wiring shared by pretrain.py and finetune_sft.py
+# ---------------------------------------------------------------------------------------------
+
+def load_model_for_training(model_args: ModelArguments, context_length: int | None = None
+                            ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """The model to train and its (diffusion-prepared) tokenizer, from the model flags."""
+    checkpoint = getattr(model_args, "path_to_pretrained_checkpoint", None)
+    if checkpoint:
+        return load_checkpoint(checkpoint, model_args.hf_model_name, flag="--path_to_pretrained_checkpoint")
+    if not model_args.hf_model_name:
+        raise UsageError("--hf_model_name is required (the model to adapt, or the tokenizer source with --from_scratch)")
+    tokenizer = load_tokenizer(model_args.hf_model_name, trust_remote_code=model_args.trust_remote_code)
+    if model_args.from_scratch:
+        return build_from_scratch(model_args.model_config, tokenizer,
+                                  max_position_embeddings=max(8192, context_length or 0)), tokenizer
+    return load_masked_lm(model_args.hf_model_name, tokenizer, trust_remote_code=model_args.trust_remote_code), tokenizer
+
+
+def apply_lora(model: PreTrainedModel, model_args: ModelArguments) -> torch.nn.Module:
+    """Wrap the model with LoRA adapters on every linear layer except the output projection."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UsageError("--lora needs the peft package (pip install peft)") from None
+    config = LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+                        target_modules="all-linear")
+    model = get_peft_model(model, config)
+    model.print_trainable_parameters()
+    return model
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    """Newest checkpoint-N folder whose trainer_state.json exists (the Trainer writes it last).
+
+    A run killed while writing a checkpoint leaves a folder without it; that one is skipped.
+    """
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    found = sorted(((int(m.group(1)), p) for p in folder.iterdir()
+                    if (m := _CHECKPOINT_RE.match(p.name)) and p.is_dir()), reverse=True)
+    for _, path in found:
+        if (path / "trainer_state.json").is_file():
+            return path
+        logger.warning("skipping incomplete checkpoint %s", path)
+    return None
+
+
+def resolve_resume(resume: str | None, output_dir: str) -> str | None:
+    """`--resume_from_checkpoint auto|PATH` -> a checkpoint folder (or None to start fresh)."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = last_complete_checkpoint(output_dir)
+        if found is None:
+            logger.info("--resume_from_checkpoint auto: no checkpoint in %s, starting from scratch", output_dir)
+            return None
+        logger.info("resuming from %s", found)
+        return str(found)
+    if not (Path(resume) / "trainer_state.json").is_file():
+        raise UsageError(f"--resume_from_checkpoint {resume}: not a complete checkpoint folder (no trainer_state.json)")
+    return resume
+
+
+def save_final_model(trainer: DiffusionTrainer, tokenizer: PreTrainedTokenizerFast, folder: str | Path,
+                     extra: dict) -> None:
+    """Write `final_model/`: a complete HF folder (safetensors, config, tokenizer + chat template), atomically.
+
+    Every rank joins `save_model` (FSDP/DeepSpeed gather the full weights there); rank 0 writes into
+    a temporary sibling and renames it into place, so an existing final_model/ is replaced only whole.
+    """
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.is_world_process_zero():
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    if hasattr(model, "merge_and_unload"):  # LoRA: merge the adapters into a plain masked LM
+        if trainer.is_world_process_zero():
+            merged = model.merge_and_unload()
+            merged.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    else:
+        trainer.save_model(str(tmp))
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle: not part of a model folder
+        (tmp / "dlm.json").write_text(json.dumps(extra, indent=2))
+        old = folder.with_name(f".{folder.name}.old")
+        if folder.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+
+
+def plot_loss_curve(log_history: list[dict], path: str | Path, title: str = "") -> None:
+    """Train and eval loss against the optimizer step, written atomically as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and math.isfinite(e["loss"])]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if train:
+        ax.plot(*zip(*train), label="train loss", alpha=0.7)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval ELBO loss (fixed seed)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def run_training(objective: str, model_args: ModelArguments, data_args: DataArguments,
+                 training_args: DiffusionTrainingArguments) -> DiffusionTrainer:
+    """Load model and data, train with the diffusion objective, write final_model/ and loss_curve.png."""
+    fmt = PRETRAIN_FORMAT if objective == "pretrain" else SFT_FORMAT
+    if not data_args.path_to_prepped_data:
+        raise UsageError("--path_to_prepped_data is required")
+    if model_args.from_scratch and model_args.model_config not in MODEL_CONFIGS:
+        raise UsageError(f"--model_config must be one of {', '.join(MODEL_CONFIGS)}, got {model_args.model_config!r}")
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+
+    # The tokenizer comes first: prepared data is checked against it before any model is loaded.
+    if getattr(model_args, "path_to_pretrained_checkpoint", None) or not model_args.hf_model_name:
+        model, tokenizer = load_model_for_training(model_args)
+        datasets, meta = load_prepared(data_args.path_to_prepped_data, fmt, tokenizer)
+    else:
+        tokenizer = load_tokenizer(model_args.hf_model_name, trust_remote_code=model_args.trust_remote_code)
+        datasets, meta = load_prepared(data_args.path_to_prepped_data, fmt, tokenizer)
+        model, tokenizer = load_model_for_training(model_args, context_length=meta.get("context_length"))
+    ids = special_ids(tokenizer)
+    train_set = datasets["train"]
+    eval_set = datasets["test"] if "test" in datasets and len(datasets["test"]) else None
+    if len(train_set) == 0:
+        raise UsageError(f"--path_to_prepped_data {data_args.path_to_prepped_data}: the train split is empty")
+    if eval_set is None and training_args.eval_strategy != "no":
+        logger.warning("no test split: evaluation disabled")
+        training_args.eval_strategy = "no"
+        training_args.eval_on_start = False
+    if model_args.lora:
+        model = apply_lora(model, model_args)
+    collator = PretrainCollator() if objective == "pretrain" else SFTCollator(pad_id=ids.eos)
+
+    trainer = DiffusionTrainer(
+        model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
+        processing_class=tokenizer, mask_id=ids.mask, objective=objective, sparse_head=model_args.sparse_head,
+        crop_probability=data_args.crop_probability, mask_eps=data_args.mask_eps)
+    trainer.train(resume_from_checkpoint=resume)
+
+    out = Path(training_args.output_dir)
+    save_final_model(trainer, tokenizer, out / "final_model",
+                     extra={"objective": objective, "mask_eps": data_args.mask_eps,
+                            "prepared_data": str(data_args.path_to_prepped_data),
+                            "tokenizer_fingerprint": meta.get("tokenizer_fingerprint")})
+    if trainer.is_world_process_zero():
+        plot_loss_curve(trainer.state.log_history, out / "loss_curve.png", title=out.name)
+        evals = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
+        if evals:
+            logger.info("eval loss: first %.4f, last %.4f", evals[0], evals[-1])
+    return trainer
+
+
+def train_main(objective: str, model_cls: type = ModelArguments) -> int:
+    """Entry point of both scripts: parse the flags, train, report a non-finite loss in one line."""
+    from dlm.cli import ArgumentParser, setup_logging
+
+    parser = ArgumentParser((model_cls, DataArguments, DiffusionTrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    setup_logging()
+    try:
+        run_training(objective, model_args, data_args, training_args)
+    except NonFiniteLossError as err:
+        logger.error("%s", err)
+        return 1
+    return 0

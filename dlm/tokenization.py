@@ -198,7 +198,10 @@ def train_tokenizer(files: Iterable[str | Path] | None = None, vocab_size: int =
     """
     specials = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"] + [f"[unused{i}]" for i in range(num_unused)]
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # One digit per token: numbers then tokenize the same way whatever their length, which is what
+    # arithmetic tasks (dlm.synthetic) need; the split runs before the byte-level mapping.
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -218,3 +221,67 @@ def train_tokenizer(files: Iterable[str | Path] | None = None, vocab_size: int =
                                         sep_token="[SEP]", pad_token="[PAD]", mask_token="[MASK]",
                                         model_max_length=8192)
     return prepare_tokenizer(tokenizer, source="trained tokenizer")
+
+
+def load_mlm_tokenizer(name_or_path: str, flag: str = "--hf_model_name",
+                       trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
+    """`load_tokenizer` for a model named on the command line, refusing models that are not masked LMs.
+
+    A folder (or hub id) with a model config must describe a masked-LM architecture; a folder that
+    holds only tokenizer files (e.g. written by tokenizer.py) is accepted as it is.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    path = Path(name_or_path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {name_or_path}: not a folder (give a hub id or a model/tokenizer folder)")
+    if path.is_dir() and not any(path.iterdir()):
+        raise UsageError(f"{flag} {name_or_path}: the folder is empty")
+    config = None
+    if not path.is_dir() or (path / "config.json").is_file():
+        try:
+            config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, KeyError) as err:
+            if path.is_dir():  # a local config that cannot be read is an error; a hub miss falls through
+                raise UsageError(f"{flag} {name_or_path}: cannot read config.json ({str(err).splitlines()[0]})") from None
+    if config is not None and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        raise UsageError(f"{flag} {name_or_path} is not a masked language model (model type "
+                         f"{config.model_type!r}); give an AutoModelForMaskedLM such as ModernBERT")
+    try:
+        return load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+    except UsageError as err:
+        msg = str(err)
+        raise UsageError(msg if msg.startswith(flag) else f"{flag} {msg}") from None
+
+
+def smallest_uint_dtype(vocab_size: int) -> str:
+    """The smallest unsigned integer type (numpy/Arrow name) that holds every id below `vocab_size`."""
+    for name, bits in (("uint8", 8), ("uint16", 16), ("uint32", 32)):
+        if vocab_size <= 1 << bits:
+            return name
+    return "uint64"
+
+
+def describe_tokenizer(tokenizer: PreTrainedTokenizerFast, text: str) -> str:
+    """Human-readable view of how `text` tokenizes, the special ids, and a rendered two-turn chat."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    chat = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": text},
+            {"role": "assistant", "content": "OK."}]
+    chat_ids = encode_chat(tokenizer, chat)
+    prompt_ids = encode_chat(tokenizer, chat[:-1], add_generation_prompt=True)
+    specials = special_ids(tokenizer)
+    lines = [
+        f"vocabulary: {len(tokenizer)} entries",
+        "special ids: " + ", ".join(f"{k}={getattr(specials, k)}" for k in specials.__dataclass_fields__),
+        f"text: {text!r}",
+        f"tokens ({len(ids)}): {tokenizer.convert_ids_to_tokens(ids)}",
+        f"ids: {ids}",
+        "chat example (training rendering):",
+        render_chat(tokenizer, chat),
+        f"tokens ({len(chat_ids)}): {tokenizer.convert_ids_to_tokens(chat_ids)}",
+        "generation prompt:",
+        render_chat(tokenizer, chat[:-1], add_generation_prompt=True),
+        f"generation prompt is a token prefix of the training rendering: {chat_ids[:len(prompt_ids)] == prompt_ids}",
+    ]
+    return "\n".join(lines)

@@ -165,7 +165,7 @@ def evaluate_elbo(model: torch.nn.Module, tokenizer, data_path: str | Path, spli
     if len(rows) == 0:
         raise UsageError(f"--path_to_prepped_data {data_path}: split {split!r} is empty")
     ids = special_ids(tokenizer)
-    collate = SFTCollator(ids.pad) if fmt == SFT_FORMAT else PretrainCollator()
+    collate = SFTCollator(pad_id=ids.eos) if fmt == SFT_FORMAT else PretrainCollator()  # as in training
     columns = ["input_ids", "answer_mask"] if fmt == SFT_FORMAT else ["input_ids"]
 
     def batches():

@@ -123,6 +123,10 @@ class DiffusionTrainingArguments(TrainingArguments):
             self.per_device_eval_batch_size = self.per_device_train_batch_size
         if self.log_wandb:
             self.report_to = "wandb"
+        if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Multi-process launch without GPUs (torchrun / accelerate on CPU): data parallel over gloo.
+            # Without this accelerate would fall back to one non-distributed process per rank.
+            self.use_cpu = True
         if self.dataloader_pin_memory and not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning is meaningless (and warns) without an accelerator
         if self.eval_steps is None or self.eval_steps <= 0:

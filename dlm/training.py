@@ -13,6 +13,7 @@ with the same global batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -239,9 +240,29 @@ class DiffusionTrainer(Trainer):
 # Wiring shared by pretrain.py and finetune_sft.py
 # ---------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _no_loading_bars():
+    """Silence the per-tensor "Loading weights" bar: instant locally, and noise around a one-line error."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_model_for_training(model_args: ModelArguments, context_length: int | None = None
                             ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """The model to train and its (diffusion-prepared) tokenizer, from the model flags."""
+    with _no_loading_bars():
+        return _load_model_for_training(model_args, context_length)
+
+
+def _load_model_for_training(model_args: ModelArguments, context_length: int | None
+                             ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     checkpoint = getattr(model_args, "path_to_pretrained_checkpoint", None)
     if checkpoint:
         return load_checkpoint(checkpoint, model_args.hf_model_name, flag="--path_to_pretrained_checkpoint")

@@ -163,3 +163,101 @@ def test_two_process_gloo_matches_single_process(tiny_model_dir, pretrain_data, 
     wb = load_file(str(out / "final_model" / "model.safetensors"))
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=1e-4)
+
+
+def sft_args(data: Path, work: Path, name: str, steps: int = 4, **extra) -> list[str]:
+    args = {"experiment_name": name, "working_directory": str(work), "path_to_prepped_data": str(data),
+            "num_training_steps": steps, "per_gpu_batch_size": 4, "learning_rate": 3e-3, "logging_steps": 1,
+            "evaluation_interval": steps, "checkpoint_interval": steps, "disable_tqdm": "true", **extra}
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def test_sft_from_pretrained_checkpoint_writes_loadable_final_model(tiny_model_dir, sft_data, tmp_path, tokenizer):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from dlm.tokenization import CHAT_TEMPLATE
+
+    # a bare model.safetensors plus --hf_model_name, as in the reference recipe
+    res = run("finetune_sft.py", sft_args(sft_data, tmp_path, "sft", path_to_pretrained_checkpoint=str(
+        tiny_model_dir / "model.safetensors"), hf_model_name=str(tiny_model_dir)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "sft"
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    evals = [e["eval_loss"] for e in state["log_history"] if "eval_loss" in e]
+    assert len(evals) == 2 and all(0 < v < 50 for v in evals)  # eval on start and at the end, finite
+    model = AutoModelForMaskedLM.from_pretrained(out / "final_model")
+    tok = AutoTokenizer.from_pretrained(out / "final_model")
+    assert tok.chat_template == CHAT_TEMPLATE and tok.mask_token_id == tokenizer.mask_token_id
+    assert not (out / "final_model" / "training_args.bin").exists()
+    trained = load_file(str(out / "final_model" / "model.safetensors"))
+    start = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert any(not torch.equal(trained[k], start[k]) for k in start)
+    for k, v in model.state_dict().items():
+        if k in trained:
+            assert torch.equal(v, trained[k])
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tiny_model_dir, pretrain_data, tmp_path):
+    # An absurd learning rate blows the weights up after a few steps; the run must stop, naming the step.
+    args = pretrain_args(tiny_model_dir, pretrain_data, tmp_path, "nan", 40, learning_rate=1e12,
+                         checkpoint_interval=1, max_grad_norm=0, evaluation_interval=0, lr_scheduler_type="constant")
+    res = run("pretrain.py", args)
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert "non-finite training loss" in last and " at step " in last
+    step = int(last.split(" at step ")[1].split(";")[0])
+    out = tmp_path / "nan"
+    ckpt = out / f"checkpoint-{step - 1}"
+    assert (ckpt / "trainer_state.json").is_file() and not (out / f"checkpoint-{step}").exists()
+    assert all(torch.isfinite(v).all() for v in load_file(str(ckpt / "model.safetensors")).values())
+    assert not (out / "final_model").exists()
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_data(tmp_path_factory, corpus_text) -> Path:
+    from dlm.tokenization import train_tokenizer
+
+    other = train_tokenizer(texts=[corpus_text[::-1]], vocab_size=400)
+    ids = other(corpus_text, add_special_tokens=False)["input_ids"]
+    rows = [ids[i:i + CONTEXT] for i in range(0, 20 * CONTEXT, CONTEXT)]
+    return write_prepared(tmp_path_factory.mktemp("other") / "data", other, "dlm-pretrain",
+                          {"input_ids": rows[4:]}, {"input_ids": rows[:4]})
+
+
+@pytest.fixture(scope="module")
+def bert_weights(tmp_path_factory, tokenizer) -> Path:
+    from transformers import BertConfig, BertForMaskedLM
+
+    model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, intermediate_size=64))
+    out = tmp_path_factory.mktemp("bert")
+    model.save_pretrained(out)
+    return out / "model.safetensors"
+
+
+@pytest.mark.parametrize("case", ["missing_data", "other_tokenizer", "other_architecture", "indivisible_batch",
+                                  "sft_data_for_pretraining"])
+def test_bad_input_is_one_line_exit_2(case, tiny_model_dir, pretrain_data, sft_data, other_tokenizer_data,
+                                      bert_weights, tmp_path):
+    script, expected = "pretrain.py", None
+    if case == "missing_data":
+        args, expected = pretrain_args(tiny_model_dir, tmp_path / "nope", tmp_path, "x", 2), "--path_to_prepped_data"
+    elif case == "other_tokenizer":
+        args, expected = pretrain_args(tiny_model_dir, other_tokenizer_data, tmp_path, "x", 2), "another tokenizer"
+    elif case == "sft_data_for_pretraining":
+        args, expected = pretrain_args(tiny_model_dir, sft_data, tmp_path, "x", 2), "dlm-sft"
+    elif case == "indivisible_batch":
+        args = pretrain_args(tiny_model_dir, pretrain_data, tmp_path, "x", 2, per_gpu_batch_size=5)
+        expected = "--per_gpu_batch_size 5 is not divisible by --gradient_accumulation_steps 2"
+    else:  # BERT weights into the ModernBERT of --hf_model_name: strict loading names the keys
+        script, expected = "finetune_sft.py", "does not fit ModernBertForMaskedLM"
+        args = sft_args(sft_data, tmp_path, "x", path_to_pretrained_checkpoint=str(bert_weights),
+                        hf_model_name=str(tiny_model_dir))
+    res = run(script, args)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in res.stderr, res.stderr[-2000:]
+    if case == "other_architecture":
+        assert "bert.embeddings" in lines[0] or "missing" in lines[0]
+    assert not (tmp_path / "x" / "final_model").exists()

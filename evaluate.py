@@ -15,7 +15,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 from dlm.cli import ArgumentParser, UsageError, atomic_write_text, run_main, setup_logging
-from dlm.evaluation import evaluate_elbo, evaluate_tasks, format_table, load_tasks
+from dlm.evaluation import evaluate_elbo, evaluate_tasks, format_table, load_tasks, prepared_format
 
 logger = logging.getLogger("evaluate")
 
@@ -90,6 +90,8 @@ def main() -> int:
     # Check the cheap inputs before loading a model.
     items = load_tasks(args.tasks, args.max_tasks) if args.tasks else None
     config = sampler_config(args) if items else None
+    if args.path_to_prepped_data:
+        prepared_format(args.path_to_prepped_data)
 
     import torch
 

@@ -144,19 +144,31 @@ def summarize_elbo(nlls: Sequence[float], counts: Sequence[float], mc_vars: Sequ
                       tokens=int(total), **info)
 
 
+def prepared_format(data_path: str | Path) -> str:
+    """The format (pretraining or SFT) of a prepared folder, checked before any model is loaded."""
+    from dlm.data import METADATA_FILE, PRETRAIN_FORMAT, SFT_FORMAT, load_prepared
+
+    meta_path = Path(data_path) / METADATA_FILE
+    fmt = PRETRAIN_FORMAT
+    if meta_path.is_file():
+        try:
+            fmt = json.loads(meta_path.read_text()).get("format")
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--path_to_prepped_data {meta_path}: malformed JSON ({err})") from None
+    fmt = fmt if fmt in (PRETRAIN_FORMAT, SFT_FORMAT) else PRETRAIN_FORMAT
+    load_prepared(data_path, fmt)  # raises the one-line error for a missing or foreign folder
+    return fmt
+
+
 def evaluate_elbo(model: torch.nn.Module, tokenizer, data_path: str | Path, split: str = "test",
                   batch_size: int = 8, num_samples: int = 32, mc_groups: int = 2, seed: int = 0,
                   max_rows: int | None = None, sparse: bool = True) -> ElboResult:
     """ELBO per-token NLL of a prepared split (pretraining or SFT folder), seeded and batched as in training."""
-    from dlm.data import METADATA_FILE, PRETRAIN_FORMAT, SFT_FORMAT, PretrainCollator, SFTCollator, load_prepared
+    from dlm.data import SFT_FORMAT, PretrainCollator, SFTCollator, load_prepared
     from dlm.tokenization import special_ids
 
-    meta_path = Path(data_path) / METADATA_FILE
-    try:
-        fmt = json.loads(meta_path.read_text()).get("format") if meta_path.is_file() else PRETRAIN_FORMAT
-    except json.JSONDecodeError as err:
-        raise UsageError(f"--path_to_prepped_data {meta_path}: malformed JSON ({err})") from None
-    data, meta = load_prepared(data_path, fmt if fmt in (PRETRAIN_FORMAT, SFT_FORMAT) else PRETRAIN_FORMAT, tokenizer)
+    fmt = prepared_format(data_path)
+    data, meta = load_prepared(data_path, fmt, tokenizer)
     if split not in data:
         raise UsageError(f"--split {split!r}: the prepared data has splits {', '.join(data)}")
     rows = data[split]

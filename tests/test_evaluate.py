@@ -1,0 +1,178 @@
+"""evaluate.py and dlm.evaluation: statistics, ELBO agreement with the Trainer's eval loss, task scoring, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dlm.cli import UsageError
+from dlm.evaluation import (answer_length, binomial_stderr, evaluate_elbo, exact_match, format_table, load_tasks,
+                            mean_and_stderr, ratio_and_stderr, summarize_elbo)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_evaluate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+
+# -- statistics ---------------------------------------------------------------------------------
+
+def test_mean_and_stderr_match_the_textbook():
+    xs = [1.0, 4.0, 2.5, 7.0, 3.0]
+    mean, se = mean_and_stderr(xs)
+    assert mean == pytest.approx(statistics.mean(xs))
+    assert se == pytest.approx(statistics.stdev(xs) / math.sqrt(len(xs)))
+    assert math.isnan(mean_and_stderr([2.0])[1])
+
+
+def test_ratio_stderr_reduces_to_mean_stderr_for_equal_lengths():
+    xs = [3.0, 5.0, 4.0, 8.0]
+    r, se = ratio_and_stderr([x * 10 for x in xs], [10] * 4)  # rows of 10 tokens: R = mean per-token value
+    assert r == pytest.approx(statistics.mean(xs))
+    assert se == pytest.approx(statistics.stdev(xs) / 2)
+    # per-token ratio weights long rows more than the mean of per-row ratios does
+    r2, _ = ratio_and_stderr([1.0, 30.0], [1, 10])
+    assert r2 == pytest.approx(31 / 11)
+
+
+def test_summarize_elbo_monte_carlo_error_and_perplexity():
+    res = summarize_elbo([20.0, 40.0], [10, 10], [4.0, 0.0], num_samples=8, seed=0, split="test", format="x")
+    assert res.nll_per_token == pytest.approx(3.0) and res.loss == pytest.approx(3.0)
+    assert res.perplexity_bound == pytest.approx(math.exp(3.0))
+    assert res.mc_stderr == pytest.approx(math.sqrt(4.0) / 20)
+    assert res.tokens == 20 and res.rows == 2
+
+
+def test_binomial_exact_match_and_answer_length():
+    assert binomial_stderr(90, 100) == pytest.approx(0.03)
+    assert exact_match(" 1 2\n3 ", "1 2 3") and not exact_match("123", "1 2 3")
+    assert answer_length([5, 6, 2, 2, 2], stop_ids=[2, 3]) == 3  # answer tokens + the stop token
+    assert answer_length([5, 6, 7], stop_ids=[2]) == 3
+
+
+def test_format_table_aligns_columns():
+    text = format_table(["setting", "acc", "nfe"], [["ref", 0.95, 12], ["tau=0.9", 0.9412, 3]])
+    lines = text.splitlines()
+    assert len(lines) == 4 and len({len(line) for line in lines[:1] + lines[2:]}) == 1
+    assert lines[2].endswith("0.95   12") and lines[3].startswith("tau=0.9")
+
+
+def test_load_tasks_validates(tmp_path):
+    good = tmp_path / "t.jsonl"
+    good.write_text('{"prompt": "1+2=", "answer": 3}\n\n{"prompt": "a", "answer": "b", "task": "x"}\n')
+    items = load_tasks(good)
+    assert [(i.prompt, i.answer, i.task) for i in items] == [("1+2=", "3", "task"), ("a", "b", "x")]
+    assert len(load_tasks(good, limit=1)) == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+2="}\n')
+    with pytest.raises(UsageError, match=r"bad.jsonl:1: expected"):
+        load_tasks(bad)
+    with pytest.raises(UsageError, match="no such file"):
+        load_tasks(tmp_path / "missing.jsonl")
+
+
+# -- ELBO ---------------------------------------------------------------------------------------
+
+def _prepared_pretrain(folder: Path, tokenizer, text: str, rows: int = 12, length: int = 32) -> Path:
+    """A prepared pretraining folder following the metadata contract of dlm.data (packed rows)."""
+    from datasets import Dataset, DatasetDict
+
+    from dlm.data import METADATA_FILE, PRETRAIN_FORMAT
+    from dlm.tokenization import tokenizer_fingerprint
+
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    packed = [ids[i * length:(i + 1) * length] for i in range(2 * rows)]
+    DatasetDict(train=Dataset.from_dict({"input_ids": packed[:rows]}),
+                test=Dataset.from_dict({"input_ids": packed[rows:]})).save_to_disk(str(folder))
+    (folder / METADATA_FILE).write_text(json.dumps({"format": PRETRAIN_FORMAT, "tokenizer": "test",
+                                                    "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+                                                    "context_length": length}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tokenizer, corpus_text):
+    return _prepared_pretrain(tmp_path_factory.mktemp("prep") / "data", tokenizer, corpus_text)
+
+
+def test_elbo_agrees_with_trainer_eval_loss(tiny_model_dir, prepared, tmp_path):
+    """Done-when 2: evaluate.py's ELBO and the Trainer's eval loss estimate the same number on the same rows."""
+    from dlm.data import PretrainCollator, load_prepared
+    from dlm.modeling import load_checkpoint
+    from dlm.tokenization import special_ids
+    from dlm.training import DiffusionTrainer, DiffusionTrainingArguments
+
+    torch.manual_seed(0)
+    model, tok = load_checkpoint(str(tiny_model_dir))
+    res = evaluate_elbo(model, tok, prepared, batch_size=4, num_samples=16, seed=1)
+    assert res.rows == 12 and res.tokens == 12 * 32 and res.format == "dlm-pretrain"
+    assert res.loss == pytest.approx(res.nll_per_token)  # equal-length rows: both normalisations agree
+    assert 0 < res.mc_stderr < res.stderr  # data variation includes the Monte-Carlo noise
+    again = evaluate_elbo(model, tok, prepared, batch_size=4, num_samples=16, seed=1)
+    assert again.nll_per_token == res.nll_per_token  # seeded
+
+    data, _ = load_prepared(prepared, "dlm-pretrain", tok)
+    evals = []
+    for seed in range(6):
+        args = DiffusionTrainingArguments(output_dir=str(tmp_path / "t"), per_device_eval_batch_size=4, seed=seed,
+                                          report_to="none", disable_tqdm=True)
+        trainer = DiffusionTrainer(model=model, args=args, eval_dataset=data["test"], mask_id=special_ids(tok).mask,
+                                   data_collator=PretrainCollator())
+        evals.append(trainer.evaluate()["eval_loss"])
+    trainer_mean, trainer_se = mean_and_stderr(evals)
+    combined = math.sqrt(res.mc_stderr ** 2 + trainer_se ** 2)
+    assert abs(res.loss - trainer_mean) < 3 * combined, (res.loss, trainer_mean, combined)
+
+
+# -- tasks and the command line -----------------------------------------------------------------
+
+def test_evaluate_cli_tasks_are_scored_by_exact_match(tiny_model_dir, tmp_path):
+    from dlm.evaluation import TaskItem, evaluate_tasks
+    from dlm.modeling import load_checkpoint
+    from dlm.sampling import SamplerConfig
+
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "answer": str(2 * a)}) + "\n" for a in range(5)))
+    preds = tmp_path / "preds.jsonl"
+    proc = run_evaluate("--model", str(tiny_model_dir), "--tasks", str(tasks), "--gen_length", "4", "--json",
+                        "--save_predictions", str(preds))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)["tasks"]
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert report["n"] == 5 and report["correct"] == sum(r["correct"] for r in rows)
+    assert report["nfe"] == sum(r["nfe"] for r in rows)
+    assert report["nfe_per_token"] == pytest.approx(1 / report["tokens_per_forward"])
+    assert report["nfe"] <= 5 * 4  # one commit per step: at most gen_length passes per prompt
+
+    # Greedy decoding is deterministic: scoring the model's own outputs as answers gives 100%, others 0%.
+    model, tok = load_checkpoint(str(tiny_model_dir))
+    config = SamplerConfig(gen_length=4)
+    own = evaluate_tasks(model, tok, [TaskItem(r["prompt"], "  " + r["prediction"] + " ") for r in rows], config)
+    assert (own.correct, own.accuracy, own.stderr) == (5, 1.0, 0.0)
+    other = evaluate_tasks(model, tok, [TaskItem(r["prompt"], r["prediction"] + "x") for r in rows], config)
+    assert other.correct == 0 and other.nfe == own.nfe
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "--model"),
+    (["--model", "{model}", "--tasks", "{tasks}", "--threshold", "1.5"], "--threshold"),
+    (["--model", "{model}", "--path_to_prepped_data", "{tmp}"], "--path_to_prepped_data"),
+])
+def test_evaluate_cli_bad_input_is_one_line_exit_2(tiny_model_dir, tmp_path, args, message):
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    out = tmp_path / "out.json"
+    fill = {"model": str(tiny_model_dir), "tmp": str(tmp_path), "tasks": str(tasks)}
+    proc = run_evaluate(*[a.format(**fill) for a in args], "--save_json", str(out))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()

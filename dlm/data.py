@@ -294,7 +294,7 @@ class PretrainDataArguments:
     streaming: bool = field(default=False, metadata={
         "help": "Stream the sources instead of downloading them whole (corpora larger than RAM or disk); "
                 "the test split is then drawn per document with probability --test_split_pct."})
-    shard_mb: int = field(default=64, metadata={
+    shard_mb: float = field(default=64, metadata={
         "help": "Text per shard (MB): memory is bounded by one shard; finished shards are kept so that a "
                 "rerun after an interruption resumes."})
     max_documents: int | None = field(default=None, metadata={"help": "Stop after this many documents."})
@@ -515,8 +515,8 @@ def prepare_pretrain(args: PretrainDataArguments) -> dict:
 
     out = check_output_dir(args.path_to_data_store, "--path_to_data_store", args.overwrite)
     _check_common_args(args)
-    if args.shard_mb < 1:
-        raise UsageError(f"--shard_mb must be at least 1, got {args.shard_mb}")
+    if args.shard_mb <= 0:
+        raise UsageError(f"--shard_mb must be positive, got {args.shard_mb}")
 
     from tqdm.auto import tqdm
 
@@ -562,7 +562,7 @@ def prepare_pretrain(args: PretrainDataArguments) -> dict:
     encoder = DocumentEncoder(tokenizer, args.num_workers)
     bar = tqdm(total=n_docs_total, initial=docs_done, unit="doc", desc="tokenize+pack", dynamic_ncols=True)
     try:
-        for index, shard in enumerate(_iter_shards(docs, args.shard_mb << 20), start=len(done)):
+        for index, shard in enumerate(_iter_shards(docs, max(1, int(args.shard_mb * (1 << 20)))), start=len(done)):
             if n_docs_total is not None:
                 is_test = is_test_all[docs_done: docs_done + len(shard)]
             else:  # streaming: no total count, so each document is a seeded coin flip
@@ -846,10 +846,8 @@ def encode_sft_batch(tokenizer, chats: Sequence[Sequence[dict]]) -> tuple[list[l
 
 
 def _load_sft_records(args: SFTDataArguments):
-    """The source records as a `datasets.Dataset`, and a label for metadata and messages."""
-    from datasets import Dataset, load_dataset
-
-    if args.data_files:
+    """The source records as a `datasets.Dataset`, a label for metadata and messages, and the format."""
+    if args.data_files:  # parsed and checked before `datasets` is imported, so bad files fail fast
         paths = expand_data_files(args.data_files, allowed=RECORD_EXTENSIONS)
         records = []
         for path in paths:
@@ -860,8 +858,11 @@ def _load_sft_records(args: SFTDataArguments):
         columns = set().union(*(r.keys() for r in records))
         fmt = detect_format(columns, args.format, where=label)
         wanted = [c for c in (*SFT_COLUMNS[fmt][0], *SFT_COLUMNS[fmt][1]) if c in columns]
+        from datasets import Dataset
         # Only the columns the format reads: other columns may hold values Arrow cannot unify.
         return Dataset.from_list([{c: r.get(c) for c in wanted} for r in records]), label, fmt
+    from datasets import load_dataset
+
     spec = args.dataset or DEFAULT_SFT_DATASET
     name, config = _split_name(spec)
     try:
@@ -886,12 +887,12 @@ def prepare_sft(args: SFTDataArguments) -> dict:
 
     out = check_output_dir(args.path_to_data_store, "--path_to_data_store", args.overwrite)
     _check_common_args(args)
+    records, label, fmt = _load_sft_records(args)
 
     from datasets import DatasetDict, Features, List, Value
 
     from dlm.tokenization import load_mlm_tokenizer, smallest_uint_dtype, special_ids, tokenizer_fingerprint
 
-    records, label, fmt = _load_sft_records(args)
     tokenizer = load_mlm_tokenizer(args.hf_model_name, trust_remote_code=args.trust_remote_code)
     _check_context_fits_model(args)
     specials = special_ids(tokenizer)

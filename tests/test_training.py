@@ -23,44 +23,33 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", 
 CONTEXT = 32
 
 
-def write_prepared(folder: Path, tokenizer, fmt: str, train: dict, test: dict) -> Path:
-    """A prepared-data folder per the dlm/data.py contract (until the preparation scripts are used here)."""
-    from datasets import Dataset, DatasetDict
-
-    from dlm.tokenization import tokenizer_fingerprint
-
-    DatasetDict(train=Dataset.from_dict(train), test=Dataset.from_dict(test)).save_to_disk(str(folder))
-    meta = {"format": fmt, "tokenizer": "test", "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-            "vocab_size": len(tokenizer), "context_length": CONTEXT, "seed": 0,
-            "splits": {"train": {"rows": len(train["input_ids"])}, "test": {"rows": len(test["input_ids"])}}}
-    (folder / "metadata.json").write_text(json.dumps(meta))
-    return folder
+def prepare(script: str, args: dict) -> None:
+    res = subprocess.run([sys.executable, str(ROOT / script), *(f"--{k}={v}" for k, v in args.items())],
+                         env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
-def pretrain_data(tmp_path_factory, tokenizer, corpus_text) -> Path:
-    ids = tokenizer(corpus_text, add_special_tokens=False)["input_ids"]
-    rows = [ids[i:i + CONTEXT] for i in range(0, len(ids) - CONTEXT, CONTEXT)][:200]
-    return write_prepared(tmp_path_factory.mktemp("pt") / "data", tokenizer, "dlm-pretrain",
-                          {"input_ids": rows[16:]}, {"input_ids": rows[:16]})
+def pretrain_data(tmp_path_factory, tiny_model_dir, corpus_text) -> Path:
+    """Real prepare_pretrain_data.py output: rows of CONTEXT tokens with the tiny model's tokenizer."""
+    work = tmp_path_factory.mktemp("pt")
+    (work / "corpus.txt").write_text(corpus_text)
+    prepare("prepare_pretrain_data.py", {"hf_model_name": tiny_model_dir, "data_files": work / "corpus.txt",
+                                         "context_length": CONTEXT, "path_to_data_store": work / "data",
+                                         "test_split_pct": 0.1})
+    return work / "data"
 
 
 @pytest.fixture(scope="module")
-def sft_data(tmp_path_factory, tokenizer) -> Path:
-    from dlm.tokenization import encode_chat
-
-    rows = {"input_ids": [], "answer_mask": [], "length": []}
-    for a in range(40):
-        chat = [{"role": "user", "content": f"What is {a} plus {a % 7}?"},
-                {"role": "assistant", "content": f"The sum is {a + a % 7}."}]
-        prompt = encode_chat(tokenizer, chat[:1], add_generation_prompt=True)
-        full = encode_chat(tokenizer, chat) + [tokenizer.eos_token_id]
-        rows["input_ids"].append(full)
-        rows["answer_mask"].append([0] * len(prompt) + [1] * (len(full) - len(prompt)))
-        rows["length"].append(len(full))
-    test = {k: v[:8] for k, v in rows.items()}
-    train = {k: v[8:] for k, v in rows.items()}
-    return write_prepared(tmp_path_factory.mktemp("sft") / "data", tokenizer, "dlm-sft", train, test)
+def sft_data(tmp_path_factory, tiny_model_dir) -> Path:
+    """Real prepare_sft_data.py output from a small Alpaca-format file."""
+    work = tmp_path_factory.mktemp("sft")
+    records = [{"instruction": f"What is {a} plus {a % 7}?", "input": "", "output": f"The sum is {a + a % 7}."}
+               for a in range(40)]
+    (work / "alpaca.json").write_text(json.dumps(records))
+    prepare("prepare_sft_data.py", {"hf_model_name": tiny_model_dir, "data_files": work / "alpaca.json",
+                                    "context_length": 64, "path_to_data_store": work / "data", "test_split_pct": 0.2})
+    return work / "data"
 
 
 def pretrain_args(model_dir: Path, data: Path, work: Path, name: str, steps: int, **extra) -> list[str]:
@@ -216,13 +205,16 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tiny_model_di
 
 @pytest.fixture(scope="module")
 def other_tokenizer_data(tmp_path_factory, corpus_text) -> Path:
+    """Data prepared (by the library function prepare_pretrain_data.py calls) with a different tokenizer."""
+    from dlm.data import PretrainDataArguments, prepare_pretrain
     from dlm.tokenization import train_tokenizer
 
-    other = train_tokenizer(texts=[corpus_text[::-1]], vocab_size=400)
-    ids = other(corpus_text, add_special_tokens=False)["input_ids"]
-    rows = [ids[i:i + CONTEXT] for i in range(0, 20 * CONTEXT, CONTEXT)]
-    return write_prepared(tmp_path_factory.mktemp("other") / "data", other, "dlm-pretrain",
-                          {"input_ids": rows[4:]}, {"input_ids": rows[:4]})
+    work = tmp_path_factory.mktemp("other")
+    train_tokenizer(texts=[corpus_text[::-1]], vocab_size=400).save_pretrained(work / "tok")
+    (work / "corpus.txt").write_text(corpus_text[:5000])
+    prepare_pretrain(PretrainDataArguments(path_to_data_store=str(work / "data"), hf_model_name=str(work / "tok"),
+                                           context_length=CONTEXT, data_files=[str(work / "corpus.txt")]))
+    return work / "data"
 
 
 @pytest.fixture(scope="module")
@@ -236,8 +228,7 @@ def bert_weights(tmp_path_factory, tokenizer) -> Path:
     return out / "model.safetensors"
 
 
-@pytest.mark.parametrize("case", ["missing_data", "other_tokenizer", "other_architecture", "indivisible_batch",
-                                  "sft_data_for_pretraining"])
+@pytest.mark.parametrize("case", ["missing_data", "other_tokenizer", "other_architecture", "indivisible_batch"])
 def test_bad_input_is_one_line_exit_2(case, tiny_model_dir, pretrain_data, sft_data, other_tokenizer_data,
                                       bert_weights, tmp_path):
     script, expected = "pretrain.py", None
@@ -245,8 +236,6 @@ def test_bad_input_is_one_line_exit_2(case, tiny_model_dir, pretrain_data, sft_d
         args, expected = pretrain_args(tiny_model_dir, tmp_path / "nope", tmp_path, "x", 2), "--path_to_prepped_data"
     elif case == "other_tokenizer":
         args, expected = pretrain_args(tiny_model_dir, other_tokenizer_data, tmp_path, "x", 2), "another tokenizer"
-    elif case == "sft_data_for_pretraining":
-        args, expected = pretrain_args(tiny_model_dir, sft_data, tmp_path, "x", 2), "dlm-sft"
     elif case == "indivisible_batch":
         args = pretrain_args(tiny_model_dir, pretrain_data, tmp_path, "x", 2, per_gpu_batch_size=5)
         expected = "--per_gpu_batch_size 5 is not divisible by --gradient_accumulation_steps 2"

@@ -444,6 +444,8 @@ def _pretrain_sources(args: PretrainDataArguments) -> list[_PretrainSource]:
         source.paths = paths
         if not args.streaming:  # the exact split needs the count: one cheap pass over the files
             source.length = sum(1 for _ in iterate())
+            if source.length == 0:
+                raise UsageError(f"--data_files {source.label}: the dataset is empty (no documents)")
         return [source]
     if args.large_dataset:
         return [_hub_text_source(spec, args.dataset_split or "train", args) for spec in LARGE_DATASETS]
@@ -518,6 +520,10 @@ def prepare_pretrain(args: PretrainDataArguments) -> dict:
     if args.shard_mb <= 0:
         raise UsageError(f"--shard_mb must be positive, got {args.shard_mb}")
 
+    # Local files are read (and counted) before the slow tokenizer load, so that a bad file fails
+    # fast; hub sources are opened after it, so that a bad model name fails before a download.
+    sources = _pretrain_sources(args) if args.data_files else None
+
     from tqdm.auto import tqdm
 
     from dlm.tokenization import load_mlm_tokenizer, smallest_uint_dtype, special_ids, tokenizer_fingerprint
@@ -526,7 +532,7 @@ def prepare_pretrain(args: PretrainDataArguments) -> dict:
     _check_context_fits_model(args)
     specials = special_ids(tokenizer)
     dtype = smallest_uint_dtype(len(tokenizer))
-    sources = _pretrain_sources(args)
+    sources = sources or _pretrain_sources(args)
     labels = [s.label for s in sources]
 
     n_docs_total = None
@@ -534,8 +540,6 @@ def prepare_pretrain(args: PretrainDataArguments) -> dict:
         n_docs_total = sum(s.length for s in sources)
         if args.max_documents is not None:
             n_docs_total = min(n_docs_total, args.max_documents)
-        if n_docs_total == 0:
-            raise UsageError(f"{_source_flag(args)}: the dataset is empty (no documents in {', '.join(labels)})")
         is_test_all = _test_assignment(n_docs_total, args.test_split_pct, args.dataset_split_seed)
 
     config = {k: v for k, v in asdict(args).items()

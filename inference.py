@@ -61,7 +61,8 @@ class InferenceArguments:
         "help": "Classifier-free guidance scale w (0 = off; costs a second forward pass per step)."})
     no_early_stop: bool = field(default=False, metadata={
         "help": "Keep denoising after an end-of-turn/EOS instead of filling the rest with EOS."})
-    seed: int | None = field(default=None, metadata={"help": "Random seed (prompt i uses seed + i)."})
+    seed: int | None = field(default=None, metadata={
+        "help": "Random seed (prompt i uses seed + i; default: fresh randomness). Unused at temperature 0."})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "Where to run the model."})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
         "help": "Model weights dtype (auto: bfloat16 on a GPU that supports it, else float32)."})
@@ -180,19 +181,24 @@ def emit(result, prompt, args: InferenceArguments, index: int, count: int) -> No
           f"{result.seconds:.2f}s]", file=sys.stderr, flush=True)
 
 
+def _offset(seed: int | None, offset: int) -> int | None:
+    """Prompt i (or chat turn i) uses seed + i, as in `generate`; no seed means fresh randomness."""
+    return None if seed is None else seed + offset
+
+
 def run_prompts(model, tokenizer, prompts: list, config, args: InferenceArguments, live: bool) -> None:
     from dlm.sampling import LiveView, generate
 
-    seed = args.seed if args.seed is not None else 0
     chat = not args.no_chat_template
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start:start + args.batch_size]
         inputs = [with_system(p, args.system) if chat else p for p in batch]
         if live:
             with LiveView(tokenizer) as view:
-                results = generate(model, tokenizer, inputs, config, chat=chat, seed=seed + start, on_step=view)
+                results = generate(model, tokenizer, inputs, config, chat=chat, seed=_offset(args.seed, start),
+                                   on_step=view)
         else:
-            results = generate(model, tokenizer, inputs, config, chat=chat, seed=seed + start)
+            results = generate(model, tokenizer, inputs, config, chat=chat, seed=_offset(args.seed, start))
         for i, (prompt, result) in enumerate(zip(batch, results)):
             emit(result, prompt, args, start + i, len(prompts))
 
@@ -204,7 +210,6 @@ def run_chat(model, tokenizer, opening: list, config, args: InferenceArguments, 
     interactive = sys.stdin.isatty()
     messages = [{"role": "system", "content": args.system}] if args.system else []
     turns = iter(opening)
-    seed = args.seed if args.seed is not None else 0
     turn = 0
     while True:
         line = next(turns, None)
@@ -227,9 +232,10 @@ def run_chat(model, tokenizer, opening: list, config, args: InferenceArguments, 
         try:
             if live:
                 with LiveView(tokenizer, title="assistant") as view:
-                    result = generate(model, tokenizer, [messages], config, seed=seed + turn, on_step=view)[0]
+                    result = generate(model, tokenizer, [messages], config, seed=_offset(args.seed, turn),
+                                      on_step=view)[0]
             else:
-                result = generate(model, tokenizer, [messages], config, seed=seed + turn)[0]
+                result = generate(model, tokenizer, [messages], config, seed=_offset(args.seed, turn))[0]
         except UsageError as err:  # e.g. the history outgrew --seq_len: say so, keep chatting
             sys.stderr.write(f"error: {err}\n")
             messages.pop()

@@ -619,10 +619,11 @@ class LiveView:
         from rich.progress_bar import ProgressBar
         from rich.table import Table
 
-        panels = [Panel(self.canvas_text(ids, event.mask_id),
-                        title=f"{self.title} · row {i + 1} · NFE {event.nfe[i]}" + (" · done" if event.done[i] else ""),
-                        title_align="left", border_style="green" if event.done[i] else "blue")
-                  for i, ids in enumerate(event.canvases[:self.max_rows])]
+        panels = []
+        for i, ids in enumerate(event.canvases[:self.max_rows]):
+            title = f"{self.title} · row {i + 1} · NFE {event.nfe[i]}" + (" · done" if event.done[i] else "")
+            panels.append(Panel(self.canvas_text(ids, event.mask_id), title=title, title_align="left",
+                                border_style="green" if event.done[i] else "blue"))
         total = sum(event.total)
         decided = total - sum(event.remaining)
         bar = Table.grid(padding=(0, 1))

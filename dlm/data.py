@@ -284,7 +284,7 @@ class PretrainDataArguments:
         "help": "How a .txt file is cut into documents: paragraph (blank lines), line or file.",
         "choices": ["paragraph", "line", "file"]})
     test_split_pct: float = field(default=0.005, metadata={
-        "help": "Fraction of documents held out for the test split (0.005 = 0.5%), chosen before packing."})
+        "help": "Fraction of documents held out for the test split (0.005 = 0.5%%), chosen before packing."})
     dataset_split_seed: int = field(default=42, metadata={
         "help": "Seed of the train/test document split.", "aliases": ["--seed"]})
     num_workers: int = field(default=1, metadata={
@@ -729,7 +729,7 @@ class SFTDataArguments:
         "help": "Samples longer than --context_length: drop them, or truncate them (the answer end may be lost).",
         "choices": ["drop", "truncate"]})
     test_split_pct: float = field(default=0.01, metadata={
-        "help": "Fraction of records held out for the test split (0.01 = 1%)."})
+        "help": "Fraction of records held out for the test split (0.01 = 1%%)."})
     dataset_split_seed: int = field(default=42, metadata={
         "help": "Seed of the train/test split.", "aliases": ["--seed"]})
     num_workers: int = field(default=1, metadata={

@@ -141,3 +141,24 @@ def test_sft_malformed_json_and_missing_output_column(tmp_path, tokenizer_dir):
     proc = _run(SFT, "--hf_model_name", tokenizer_dir, "--data_files", empty, "--path_to_data_store", out)
     _assert_usage_error(proc, out, "--data_files", "empty")
     assert not out.exists()
+
+
+def test_every_flag_has_help_and_help_renders():
+    import dataclasses
+
+    from tokenizer import Arguments as TokenizerArguments
+
+    from dlm.cli import ArgumentParser
+    from dlm.data import PretrainDataArguments, SFTDataArguments
+
+    for cls in (PretrainDataArguments, SFTDataArguments, TokenizerArguments):
+        assert all(f.metadata.get("help") for f in dataclasses.fields(cls)), cls
+        text = ArgumentParser(cls).format_help()  # a stray % in a help string breaks --help
+        assert "--hf_model_name" in text and "--model_name_or_path" in text
+    reference = ("--test_split_pct 0.005 --context_length 1024 --path_to_data_store d --huggingface_cache_dir c "
+                 "--dataset_split_seed 42 --num_workers 24 --hf_model_name answerdotai/ModernBERT-large "
+                 "--large_dataset").split()
+    (args,) = ArgumentParser(PretrainDataArguments).parse_args_into_dataclasses(reference)
+    assert (args.large_dataset, args.num_workers, args.test_split_pct, args.huggingface_cache_dir) == (True, 24, 0.005, "c")
+    (args,) = ArgumentParser(SFTDataArguments).parse_args_into_dataclasses(reference[:-1])
+    assert (args.context_length, args.dataset_split_seed, args.path_to_data_store) == (1024, 42, "d")

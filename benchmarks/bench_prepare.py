@@ -175,7 +175,7 @@ def _write_results(runs: list[dict], naive_counts: dict, args, seed_name: str, c
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in runs:
-        label = ("--streaming" if r["streaming"] else "in memory") + f" ({r['name']})"
+        label = ("--streaming" if r["streaming"] else "default") + f" ({r['name']})"
         lines.append(f"| {label} | {r['input_mb']:.0f} MB | {r['workers']} | {r['wall_s']:.1f} | "
                      f"{r['tokens_per_s']:,.0f} | {r['mb_per_s']:.2f} | {r['peak_mb']:.0f} | {r['rows']:,} | "
                      f"{r['dropped']:,} |")

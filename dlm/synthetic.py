@@ -150,9 +150,7 @@ def normalize_answer(text: str) -> str:
 
 def task_prompt(problem: Problem) -> str:
     """The user turn of a problem exactly as training renders its Alpaca record (dlm.data.alpaca_to_messages)."""
-    try:
-        from dlm.data import alpaca_to_messages
-    except ImportError:  # until dlm.data exposes it: the same Alpaca convention, instruction then input
-        return problem.instruction + (f"\n\n{problem.input}" if problem.input else "")
+    from dlm.data import alpaca_to_messages
+
     messages = alpaca_to_messages(problem.to_alpaca())
     return next(m["content"] for m in messages if m["role"] == "user")

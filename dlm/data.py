@@ -76,6 +76,22 @@ def load_prepared(path: str | Path, expected_format: str, tokenizer=None,
     return load_from_disk(str(folder)), meta
 
 
+def save_prepared(dataset, metadata: dict, out: str | Path, overwrite: bool) -> None:
+    """Write a prepared `DatasetDict` and its metadata.json atomically (metadata last).
+
+    An empty split (a tiny corpus with a 0.5% test split, or --test_split_pct 0) is written as one
+    empty Arrow file: `datasets` saves it with no file at all, which `load_from_disk` cannot read.
+    """
+    for split, ds in dataset.items():
+        if len(ds) == 0:
+            logger.warning("the %s split is empty", split)
+    from dlm.cli import atomic_output_dir, atomic_write_text
+
+    with atomic_output_dir(out, "--path_to_data_store", overwrite) as tmp:
+        dataset.save_to_disk(str(tmp), num_shards={k: 1 if len(v) == 0 else None for k, v in dataset.items()})
+        atomic_write_text(tmp / METADATA_FILE, json.dumps(metadata, indent=2))
+
+
 class PretrainCollator:
     """Stack packed rows (all the same length) into a LongTensor batch."""
 
@@ -521,7 +537,7 @@ def prepare_pretrain(args: PretrainDataArguments) -> dict:
     of about `shard_mb` MB of text; finished shards survive an interruption beside the output
     folder and a rerun with the same arguments skips them.
     """
-    from dlm.cli import atomic_output_dir, atomic_write_text, check_output_dir
+    from dlm.cli import atomic_write_text, check_output_dir
 
     out = check_output_dir(args.path_to_data_store, "--path_to_data_store", args.overwrite)
     _check_common_args(args)
@@ -632,9 +648,7 @@ def prepare_pretrain(args: PretrainDataArguments) -> dict:
         "test_split_pct": args.test_split_pct, "streaming": args.streaming,
         "document_separator": "eos", "created_by": "prepare_pretrain_data.py",
     }
-    with atomic_output_dir(out, "--path_to_data_store", args.overwrite) as tmp:
-        dataset.save_to_disk(str(tmp))
-        atomic_write_text(tmp / METADATA_FILE, json.dumps(metadata, indent=2))
+    save_prepared(dataset, metadata, out, args.overwrite)
     _discard_work(work)
     return metadata
 
@@ -895,7 +909,7 @@ def prepare_sft(args: SFTDataArguments) -> dict:
     every assistant turn's tokens and its end-of-turn token. Over-long samples are dropped or
     truncated per `--overlong`, with counts in the metadata.
     """
-    from dlm.cli import atomic_output_dir, atomic_write_text, check_output_dir
+    from dlm.cli import check_output_dir
 
     out = check_output_dir(args.path_to_data_store, "--path_to_data_store", args.overwrite)
     _check_common_args(args)
@@ -969,9 +983,7 @@ def prepare_sft(args: SFTDataArguments) -> dict:
         "overlong": {"policy": args.overlong, "dropped": n_dropped_overlong, "truncated": n_truncated},
         "records": len(records), "skipped_no_answer": int(no_answer.sum()), "created_by": "prepare_sft_data.py",
     }
-    with atomic_output_dir(out, "--path_to_data_store", args.overwrite) as tmp:
-        dataset.save_to_disk(str(tmp))
-        atomic_write_text(tmp / METADATA_FILE, json.dumps(metadata, indent=2))
+    save_prepared(dataset, metadata, out, args.overwrite)
     logger.info("train %d / test %d samples (%s format); %d dropped, %d truncated as over-long",
                 splits["train"]["rows"], splits["test"]["rows"], fmt, n_dropped_overlong, n_truncated)
     return metadata

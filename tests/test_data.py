@@ -276,3 +276,23 @@ def test_sft_overlong_drop_and_truncate_and_seeded_split(tmp_path, tokenizer, to
     test_ids = lambda name: load_prepared(tmp_path / name, SFT_FORMAT)[0]["test"][:]["input_ids"]  # noqa: E731
     assert test_ids("cut") == test_ids("again") != test_ids("other")
     assert again["splits"] == cut["splits"] and other["seed"] == 7
+
+
+def test_empty_test_split_is_written_readable(tmp_path, tokenizer, tokenizer_dir):
+    # One short test document (fewer tokens than a row) and --test_split_pct 0: both leave an empty
+    # test split, which `datasets` alone saves without any Arrow file and cannot load back.
+    docs = _paragraphs(30, seed=5)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(docs) + "\n")
+    meta = prepare_pretrain(_pretrain_args(tmp_path, tokenizer_dir, [corpus], test_split_pct=0.01,
+                                           context_length=256))
+    data, _ = load_prepared(tmp_path / "out", PRETRAIN_FORMAT, tokenizer)
+    assert meta["splits"]["test"]["documents"] == 1 and meta["splits"]["test"]["rows"] == 0
+    assert len(data["test"]) == 0 and len(data["train"]) == meta["splits"]["train"]["rows"] > 0
+    assert data["test"].features == data["train"].features
+
+    path = tmp_path / "gen.json"
+    path.write_text(json.dumps(_generated_alpaca(10, seed=1)))
+    meta = prepare_sft(_sft_args(tmp_path, tokenizer_dir, [path], test_split_pct=0.0))
+    data, _ = load_prepared(tmp_path / "sft", SFT_FORMAT, tokenizer)
+    assert len(data["test"]) == 0 and len(data["train"]) == 10 == meta["splits"]["train"]["rows"]

@@ -14,14 +14,14 @@ import logging
 import sys
 from dataclasses import asdict, dataclass, field
 
-from dlm.cli import ArgumentParser, UsageError, atomic_write_text, run_main, setup_logging
+from dlm.cli import ArgumentParser, SamplerArguments, UsageError, atomic_write_text, run_main, setup_logging
 from dlm.evaluation import evaluate_elbo, evaluate_tasks, format_table, load_tasks, prepared_format
 
 logger = logging.getLogger("evaluate")
 
 
 @dataclass
-class EvalArguments:
+class EvalArguments(SamplerArguments):
     model: str | None = field(default=None, metadata={
         "help": "Checkpoint folder (config.json, model.safetensors, tokenizer), or a bare .safetensors file "
                 "with --hf_model_name."})
@@ -41,38 +41,12 @@ class EvalArguments:
         "help": "JSONL of {prompt, answer[, task]}: report exact-match accuracy and NFE per generated token."})
     max_tasks: int | None = field(default=None, metadata={"help": "Use only the first N tasks of the file."})
     batch_size: int = field(default=32, metadata={"help": "Rows (ELBO) or prompts (tasks) per forward pass."})
-    # Sampler flags, as in inference.py.
-    gen_length: int = field(default=16, metadata={"help": "Masks appended after each task prompt."})
-    seq_len: int | None = field(default=None, metadata={"help": "Total canvas length instead of --gen_length."})
-    num_steps: int | None = field(default=None, metadata={
-        "help": "Fixed-step budget over all blocks (default: one commit per step)."})
-    block_length: int | None = field(default=None, metadata={"help": "Semi-autoregressive block size."})
-    strategy: str = field(default="low_confidence", metadata={
-        "aliases": ["--remasking"], "help": "Commit order: low_confidence, random, margin or entropy."})
-    threshold: float | None = field(default=None, metadata={
-        "help": "Parallel decoding: commit every masked position of the block with confidence >= τ."})
-    entropy_bound: float | None = field(default=None, metadata={
-        "help": "Parallel decoding: commit the largest set whose summed entropy stays <= γ."})
-    temperature: float = field(default=0.0, metadata={"help": "Sampling temperature (0 = argmax)."})
-    top_k: int | None = field(default=None, metadata={"help": "Keep the k most likely tokens."})
-    top_p: float | None = field(default=None, metadata={"help": "Nucleus sampling mass in (0, 1]."})
-    cfg_scale: float = field(default=0.0, metadata={"help": "Classifier-free guidance scale w."})
-    no_chat_template: bool = field(default=False, metadata={"help": "Feed task prompts as raw text."})
     seed: int = field(default=0, metadata={"help": "Seed of the ELBO draws and of the sampler."})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda."})
     json: bool = field(default=False, metadata={"help": "Print one JSON object instead of the table."})
     save_json: str | None = field(default=None, metadata={"help": "Also write the JSON result to this file."})
     save_predictions: str | None = field(default=None, metadata={
         "help": "Write one JSON line per task (prompt, answer, prediction, correct, nfe) to this file."})
-
-
-def sampler_config(args: EvalArguments):
-    from dlm.sampling import SamplerConfig
-
-    return SamplerConfig(gen_length=args.gen_length, seq_len=args.seq_len, steps=args.num_steps,
-                         block_length=args.block_length, strategy=args.strategy, threshold=args.threshold,
-                         entropy_bound=args.entropy_bound, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, cfg_scale=args.cfg_scale).validate()
 
 
 def main() -> int:
@@ -89,7 +63,7 @@ def main() -> int:
         raise UsageError(f"--device must be auto, cpu or cuda, got {args.device!r}")
     # Check the cheap inputs before loading a model.
     items = load_tasks(args.tasks, args.max_tasks) if args.tasks else None
-    config = sampler_config(args) if items else None
+    config = args.to_config(default_gen_length=16) if items else None
     if args.path_to_prepped_data:
         prepared_format(args.path_to_prepped_data)
 

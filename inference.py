@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from dlm.cli import ArgumentParser, UsageError, run_main, setup_logging
+from dlm.cli import ArgumentParser, SamplerArguments, UsageError, run_main, setup_logging
 
 logger = logging.getLogger("inference")
 
 
 @dataclass
-class InferenceArguments:
+class InferenceArguments(SamplerArguments):
     model: str | None = field(default=None, metadata={
         "aliases": ["--model_name_or_path"],
         "help": "Checkpoint folder (config.json, model.safetensors, tokenizer), a .safetensors file, or a hub id."})
@@ -38,37 +38,12 @@ class InferenceArguments:
         "action": "append", "help": "A prompt; repeat the flag for several. `[MASK*n]` marks n positions to fill in."})
     prompts_file: str | None = field(default=None, metadata={
         "help": "One prompt per line, or JSONL with `prompt`, `instruction` (+ `input`) or `messages` per line."})
-    seq_len: int | None = field(default=None, metadata={
-        "help": "Total canvas length (prompt + generated), as in the reference recipe."})
-    gen_length: int | None = field(default=None, metadata={
-        "help": "Masks to generate after the prompt (default 128 when --seq_len is not given)."})
-    num_steps: int | None = field(default=None, metadata={
-        "aliases": ["--steps"],
-        "help": "Fixed-step budget over all blocks; must be a multiple of the number of blocks "
-                "(default: one token per step)."})
-    block_length: int | None = field(default=None, metadata={
-        "help": "Semi-autoregressive block size (default: the whole generated region is one block)."})
-    strategy: Literal["low_confidence", "random", "margin", "entropy"] = field(default="low_confidence", metadata={
-        "aliases": ["--remasking"], "help": "Which masked positions are committed first (the confidence)."})
-    threshold: float | None = field(default=None, metadata={
-        "help": "Parallel decoding: commit every masked position of the block with confidence >= τ (at least one)."})
-    entropy_bound: float | None = field(default=None, metadata={
-        "help": "Parallel decoding: commit the largest set of positions whose summed entropy stays <= γ."})
-    temperature: float = field(default=0.0, metadata={"help": "Sampling temperature (0 = argmax)."})
-    top_k: int | None = field(default=None, metadata={"help": "Sample only among the k most likely tokens."})
-    top_p: float | None = field(default=None, metadata={"help": "Nucleus sampling mass in (0, 1]."})
-    cfg_scale: float = field(default=0.0, metadata={
-        "help": "Classifier-free guidance scale w (0 = off; costs a second forward pass per step)."})
-    no_early_stop: bool = field(default=False, metadata={
-        "help": "Keep denoising after an end-of-turn/EOS instead of filling the rest with EOS."})
     seed: int | None = field(default=None, metadata={
         "help": "Random seed (prompt i uses seed + i; default: fresh randomness). Unused at temperature 0."})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "Where to run the model."})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
         "help": "Model weights dtype (auto: bfloat16 on a GPU that supports it, else float32)."})
     batch_size: int = field(default=8, metadata={"help": "Prompts denoised together in one forward pass."})
-    no_chat_template: bool = field(default=False, metadata={
-        "help": "Feed prompts as raw text instead of a user turn of the chat template."})
     system: str | None = field(default=None, metadata={"help": "System message for chat-template prompts."})
     chat: bool = field(default=False, metadata={
         "help": "Interactive multi-turn chat on stdin (history kept in the chat template; /reset, /exit)."})
@@ -103,20 +78,6 @@ def read_prompts_file(path: str) -> list:
         else:
             raise UsageError(f"--prompts_file {p} line {n}: expected a `prompt`, `instruction` or `messages` key")
     return prompts
-
-
-def sampler_config(args: InferenceArguments):
-    from dlm.sampling import SamplerConfig
-
-    if args.seq_len is not None and args.gen_length is not None:
-        raise UsageError("--seq_len (total canvas) and --gen_length (generated part) exclude each other: pass one")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
-    return SamplerConfig(
-        gen_length=args.gen_length if args.gen_length is not None else 128, seq_len=args.seq_len,
-        steps=args.num_steps, block_length=args.block_length, strategy=args.strategy, threshold=args.threshold,
-        entropy_bound=args.entropy_bound, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        cfg_scale=args.cfg_scale, stop_at_eos=not args.no_early_stop).validate()
 
 
 def model_source(args: InferenceArguments) -> tuple[str, str, bool]:
@@ -252,7 +213,9 @@ def main() -> int:
     setup_logging(logging.WARNING)
     (args,) = ArgumentParser(InferenceArguments).parse_args_into_dataclasses()
     # Cheap checks first: a typo in a flag should not wait for a model to load.
-    config = sampler_config(args)
+    if args.batch_size < 1:
+        raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
+    config = args.to_config(default_gen_length=128)
     prompts = list(args.prompt or [])
     if args.prompts_file:
         prompts += read_prompts_file(args.prompts_file)

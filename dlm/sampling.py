@@ -442,7 +442,6 @@ class _Sampler:
                 return
 
     def run(self) -> list[SampleResult]:
-        cfg = self.cfg
         while True:
             self._advance()
             active = [b for b, r in enumerate(self.rows) if not r.done]

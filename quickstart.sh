@@ -8,7 +8,7 @@
 # It calls the same scripts as the GPU recipes (README), only with tiny sizes. The sizes can be
 # overridden through the environment (the test suite runs a shortened version this way):
 #   QS_TASKS, QS_NUM_TRAIN, QS_NUM_HELDOUT, QS_PRETRAIN_STEPS, QS_PRETRAIN_BATCH, QS_SFT_STEPS, QS_BATCH,
-#   QS_LR, QS_EVAL_BATCH, QS_GEN_LENGTH, QS_PROMPT, QS_SKIP_INFERENCE=1 (benchmarks/bench_sampling.py
+#   QS_LR, QS_WD, QS_SEED, QS_EVAL_BATCH, QS_GEN_LENGTH, QS_PROMPT, QS_SKIP_INFERENCE=1 (benchmarks/bench_sampling.py
 #   trains its list-reversal model this way).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -20,8 +20,10 @@ NUM_HELDOUT="${QS_NUM_HELDOUT:-300}"      # held-out problems, never seen in pre
 PRETRAIN_STEPS="${QS_PRETRAIN_STEPS:-20}"  # short: longer pretraining on the equations made SFT memorise (see report)
 PRETRAIN_BATCH="${QS_PRETRAIN_BATCH:-32}"  # rows of 64 tokens
 SFT_STEPS="${QS_SFT_STEPS:-3000}"
-BATCH="${QS_BATCH:-64}"
-LR="${QS_LR:-1e-3}"
+BATCH="${QS_BATCH:-128}"
+LR="${QS_LR:-2e-3}"
+WD="${QS_WD:-0.1}"                       # weight decay: what makes SFT generalise instead of memorise (see report)
+SEED="${QS_SEED:-0}"
 EVAL_BATCH="${QS_EVAL_BATCH:-100}"
 GEN_LENGTH="${QS_GEN_LENGTH:-4}"          # "123" + end-of-turn
 PROMPT="${QS_PROMPT:-38+47=}"
@@ -41,13 +43,13 @@ mkdir -p "$OUT"
 touch "$OUT/.dlm-quickstart"
 
 TRAIN_FLAGS=(--per_device_eval_batch_size "$EVAL_BATCH" --learning_rate "$LR" --lr_scheduler_type cosine
-             --warmup_steps 0.05 --weight_decay 0.01
-             --save_strategy no --eval_on_start false --logging_steps 50 --report_to none --seed 0
+             --warmup_steps 0.05 --weight_decay "$WD"
+             --save_strategy no --eval_on_start false --logging_steps 250 --report_to none --seed "$SEED"
              --disable_tqdm true --dataloader_num_workers 0)
 
 stage "1/7 synthetic data ($TASKS): train and held-out problems, split on the problem (the (a, b) pair)"
 $PY make_synthetic_data.py --output_dir "$OUT/data/synthetic" --tasks "$TASKS" \
-    --num_train "$NUM_TRAIN" --num_heldout "$NUM_HELDOUT" --seed 0
+    --num_train "$NUM_TRAIN" --num_heldout "$NUM_HELDOUT" --seed "$SEED"
 
 stage "2/7 tokenizer: byte-level BPE trained on the corpus, digits one per token"
 $PY tokenizer.py --train_from "$OUT/data/synthetic/pretrain.txt" --vocab_size 320 --save_to "$OUT/tokenizer"

@@ -85,11 +85,12 @@ def main() -> int:
                              num_samples=args.num_samples, mc_groups=args.mc_groups, seed=args.seed,
                              max_rows=args.max_rows)
         report["elbo"] = asdict(elbo)
-        rows += [("ELBO NLL / token (nats)", f"{elbo.nll_per_token:.4f} ± {elbo.stderr:.4f} "
-                                             f"(Monte Carlo ± {elbo.mc_stderr:.4f})"),
-                 ("perplexity bound", f"{elbo.perplexity_bound:.3f}"),
-                 ("loss (Trainer eval_loss form)", f"{elbo.loss:.4f} ± {elbo.loss_stderr:.4f} "
-                                                   f"(Monte Carlo ± {elbo.loss_mc_stderr:.4f})"),
+        # Significant digits, not decimals: a well-trained model's NLL is ~1e-3 and its error ~1e-5.
+        rows += [("ELBO NLL / token (nats)", f"{elbo.nll_per_token:.4g} ± {elbo.stderr:.2g} "
+                                             f"(Monte Carlo ± {elbo.mc_stderr:.2g})"),
+                 ("perplexity bound", f"{elbo.perplexity_bound:.4g}"),
+                 ("loss (Trainer eval_loss form)", f"{elbo.loss:.4g} ± {elbo.loss_stderr:.2g} "
+                                                   f"(Monte Carlo ± {elbo.loss_mc_stderr:.2g})"),
                  ("rows / tokens", f"{elbo.rows} / {elbo.tokens} ({elbo.split}, {elbo.num_samples} draws)")]
     if items:
         res = evaluate_tasks(model, tokenizer, items, config, chat=not args.no_chat_template, seed=args.seed,

@@ -98,6 +98,11 @@ def is_prepared(tokenizer: PreTrainedTokenizerFast) -> bool:
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
     """Load a tokenizer from the hub or a folder, as prepared for diffusion (idempotent)."""
+    folder = Path(name_or_path)
+    if folder.is_dir() and not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                     "vocab.txt", "vocab.json")):
+        raise UsageError(f"cannot load a tokenizer from {name_or_path!r}: the folder has no tokenizer files "
+                         f"(tokenizer.json, tokenizer_config.json, vocab.txt or vocab.json)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:

@@ -110,3 +110,11 @@ def test_tokenizer_cli_trains_saves_and_shows(tmp_path, corpus_text):
     # Prepared again from the saved folder, it is unchanged (idempotent).
     again = load_mlm_tokenizer(str(out))
     assert again.get_vocab() == tok.get_vocab() and again.chat_template == tok.chat_template
+
+
+def test_folder_without_tokenizer_files_is_named(tmp_path):
+    from dlm.tokenization import load_tokenizer
+
+    (tmp_path / "notes.txt").write_text("not a tokenizer")
+    with pytest.raises(UsageError, match="has no tokenizer files"):
+        load_tokenizer(str(tmp_path))

@@ -187,6 +187,29 @@ def test_sft_from_pretrained_checkpoint_writes_loadable_final_model(tiny_model_d
             assert torch.equal(v, trained[k])
 
 
+def test_lora_sft_saves_a_merged_plain_masked_lm(tiny_model_dir, sft_data, tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    # LoRA with gradient checkpointing: final_model/ must be a plain masked LM (adapters merged, head kept).
+    res = run("finetune_sft.py", sft_args(sft_data, tmp_path, "lora", steps=6, hf_model_name=str(tiny_model_dir),
+                                          lora="true", lora_r=4, learning_rate=5e-2, gradient_checkpointing="true"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "trainable params" in res.stdout + res.stderr
+    final = tmp_path / "lora" / "final_model"
+    trained = load_file(str(final / "model.safetensors"))
+    start = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert sorted(trained) == sorted(start)  # no lora_A/lora_B or base_model.* keys: an ordinary checkpoint
+    changed = {k for k in start if not torch.equal(trained[k], start[k])}
+    assert any("attn.Wqkv" in k for k in changed) and any("mlp.Wo" in k for k in changed)  # merged deltas
+    assert not any("embeddings" in k or "norm" in k for k in changed)  # only adapted linear layers moved
+    model = AutoModelForMaskedLM.from_pretrained(final)
+    assert type(model).__name__ == "ModernBertForMaskedLM" and not hasattr(model, "peft_config")
+    assert "head.dense.weight" in changed and "decoder.bias" in trained  # the MLM head is kept (and adapted)
+    for k, v in model.state_dict().items():
+        if k in trained:
+            assert torch.equal(v, trained[k])
+
+
 def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tiny_model_dir, pretrain_data, tmp_path):
     # An absurd learning rate blows the weights up after a few steps; the run must stop, naming the step.
     args = pretrain_args(tiny_model_dir, pretrain_data, tmp_path, "nan", 40, learning_rate=1e12,

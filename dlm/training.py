@@ -321,6 +321,18 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
     return resume
 
 
+def check_reporters(report_to: list[str] | str | None) -> None:
+    """Refuse `--report_to` integrations whose package is missing (the Trainer would fail with a traceback)."""
+    from transformers import integrations
+
+    needs = {"tensorboard": (integrations.is_tensorboard_available, "tensorboard"),
+             "wandb": (integrations.is_wandb_available, "wandb")}
+    for name in [report_to] if isinstance(report_to, str) else report_to or []:
+        if name in needs and not needs[name][0]():
+            flag = f"--report_to {name}" + (" (--log_wandb)" if name == "wandb" else "")
+            raise UsageError(f"{flag} needs the {needs[name][1]} package: pip install {needs[name][1]}")
+
+
 def save_final_model(trainer: DiffusionTrainer, tokenizer: PreTrainedTokenizerFast, folder: str | Path,
                      extra: dict) -> None:
     """Write `final_model/`: a complete HF folder (safetensors, config, tokenizer + chat template), atomically.
@@ -388,6 +400,7 @@ def run_training(objective: str, model_args: ModelArguments, data_args: DataArgu
         raise UsageError("--path_to_prepped_data is required")
     if model_args.from_scratch and model_args.model_config not in MODEL_CONFIGS:
         raise UsageError(f"--model_config must be one of {', '.join(MODEL_CONFIGS)}, got {model_args.model_config!r}")
+    check_reporters(training_args.report_to)
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
 
     # The tokenizer comes first: prepared data is checked against it before any model is loaded.

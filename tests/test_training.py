@@ -273,3 +273,21 @@ def test_bad_input_is_one_line_exit_2(case, tiny_model_dir, pretrain_data, sft_d
     if case == "other_architecture":
         assert "bert.embeddings" in lines[0] or "missing" in lines[0]
     assert not (tmp_path / "x" / "final_model").exists()
+
+
+def test_missing_report_to_package_is_a_usage_error(monkeypatch):
+    from transformers import integrations
+
+    from dlm.cli import UsageError
+    from dlm.training import check_reporters
+
+    monkeypatch.setattr(integrations, "is_tensorboard_available", lambda: False)
+    monkeypatch.setattr(integrations, "is_wandb_available", lambda: False)
+    with pytest.raises(UsageError, match="--report_to tensorboard needs the tensorboard package"):
+        check_reporters(["tensorboard"])
+    with pytest.raises(UsageError, match=r"--report_to wandb \(--log_wandb\) needs the wandb package"):
+        check_reporters("wandb")
+    check_reporters(["none"])
+    monkeypatch.setattr(integrations, "is_tensorboard_available", lambda: True)
+    check_reporters(["tensorboard"])
+

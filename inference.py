@@ -37,7 +37,8 @@ class InferenceArguments(SamplerArguments):
     prompt: str | None = field(default=None, metadata={
         "action": "append", "help": "A prompt; repeat the flag for several. `[MASK*n]` marks n positions to fill in."})
     prompts_file: str | None = field(default=None, metadata={
-        "help": "One prompt per line, or JSONL with `prompt`, `instruction` (+ `input`) or `messages` per line."})
+        "help": "One prompt per line, or JSONL / a JSON list of records with `prompt`, `instruction` (+ `input`) "
+                "or `messages`."})
     seed: int | None = field(default=None, metadata={
         "help": "Random seed (prompt i uses seed + i; default: fresh randomness). Unused at temperature 0."})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "Where to run the model."})
@@ -54,20 +55,33 @@ class InferenceArguments(SamplerArguments):
 
 
 def read_prompts_file(path: str) -> list:
-    """Prompts from a text file (one per line) or JSONL (prompt | instruction[+input] | messages)."""
+    """Prompts from a text file (one per line), JSONL, or a JSON list; a JSON record gives its `prompt`,
+    `instruction` (+ `input`, as Alpaca) or `messages`."""
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"--prompts_file {p}: no such file")
-    lines = [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    jsonl = p.suffix == ".jsonl" or (lines and all(line.lstrip().startswith("{") for line in lines))
-    if not jsonl:
+    text = p.read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if line.strip()]
+    if p.suffix == ".json" or text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--prompts_file {p}: not JSON ({err})") from None
+        if not isinstance(rows, list):
+            raise UsageError(f"--prompts_file {p}: expected a JSON list of records")
+        where = [f"record {n}" for n in range(1, len(rows) + 1)]
+    elif p.suffix == ".jsonl" or (lines and all(line.lstrip().startswith("{") for line in lines)):
+        rows, where = [], []
+        for n, line in enumerate(lines, 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise UsageError(f"--prompts_file {p} line {n}: not JSON ({err})") from None
+            where.append(f"line {n}")
+    else:
         return lines
     prompts = []
-    for n, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"--prompts_file {p} line {n}: not JSON ({err})") from None
+    for row, at in zip(rows, where):
         if isinstance(row, dict) and "messages" in row:
             prompts.append(row["messages"])
         elif isinstance(row, dict) and ("prompt" in row or "instruction" in row):
@@ -76,7 +90,7 @@ def read_prompts_file(path: str) -> list:
                 text = f"{text}\n\n{row['input']}"
             prompts.append(text)
         else:
-            raise UsageError(f"--prompts_file {p} line {n}: expected a `prompt`, `instruction` or `messages` key")
+            raise UsageError(f"--prompts_file {p} {at}: expected a `prompt`, `instruction` or `messages` key")
     return prompts
 
 

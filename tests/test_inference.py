@@ -199,3 +199,27 @@ def test_bad_input_is_one_line_exit_2(runs, paths, name):
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1, run.stderr
     assert "error:" in lines[0] and expected in lines[0]
+
+
+def test_prompts_file_formats(tmp_path):
+    from inference import read_prompts_file
+
+    from dlm.cli import UsageError
+
+    text = tmp_path / "p.txt"
+    text.write_text("first prompt\n\nsecond prompt\n")
+    assert read_prompts_file(str(text)) == ["first prompt", "second prompt"]
+    records = [{"instruction": "Add", "input": "2 and 3", "output": "5"}, {"prompt": "Hi"},
+               {"messages": [{"role": "user", "content": "Yo"}]}]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    as_list = tmp_path / "alpaca.json"  # an Alpaca-style JSON list, as prepare_sft_data.py reads
+    as_list.write_text(json.dumps(records, indent=2))
+    expected = ["Add\n\n2 and 3", "Hi", [{"role": "user", "content": "Yo"}]]
+    assert read_prompts_file(str(jsonl)) == expected == read_prompts_file(str(as_list))
+    jsonl.write_text(json.dumps(records[0]) + "\n{oops\n")
+    with pytest.raises(UsageError, match="line 2: not JSON"):
+        read_prompts_file(str(jsonl))
+    as_list.write_text(json.dumps([records[0], {"output": "x"}]))
+    with pytest.raises(UsageError, match="record 2: expected a `prompt`"):
+        read_prompts_file(str(as_list))

@@ -18,6 +18,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,12 +64,12 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
                       *("| " + " | ".join(r) + " |" for r in rows)])
 
 
-def replace_section(path: Path, body: str) -> None:
-    """Replace (or append) this script's `## ...` section, leaving every other section untouched."""
+def replace_section(path: Path, heading: str, body: str) -> None:
+    """Replace (or append) the `heading` section, leaving every other section untouched."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     lines = text.splitlines()
-    if SECTION in lines:
-        start = lines.index(SECTION)
+    if heading in lines:
+        start = lines.index(heading)
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
         lines = lines[:start] + body.rstrip().splitlines() + [""] + lines[end:]
     else:
@@ -123,19 +124,20 @@ def main() -> int:
     verdict = (f"Target (a threshold setting with ≥ 3 tokens per forward pass, ≤ 1 point below the reference's "
                f"accuracy, ≥ 3× its tokens/s): {'met by ' + ', '.join(winners) if winners else 'NOT met'}.")
     answer_tokens = ref.answer_tokens / ref.n
+    heading = f"{SECTION}: task {items[0].task}"
     body = "\n".join([
-        SECTION, "",
+        heading, "",
         f"Task: `{items[0].task}` held-out problems (n = {ref.n}), {answer_tokens:.1f} answer tokens on average "
         f"(incl. end-of-turn), canvas of {args.gen_length} masks, one block, temperature 0, `low_confidence` "
         f"confidences, batches of {args.batch_size} prompts; model `{model_dir}`; {args.threads} CPU threads on "
-        f"{platform.processor() or platform.machine()}. Tokens = answer tokens up to and including the "
+        f"{platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d')}. Tokens = answer tokens up "
+        f"to and including the "
         f"end-of-turn; the EOS tail that early stopping fills is not counted.", "",
         markdown_table(headers, rows), "", verdict, "",
-        f"Command: `python benchmarks/bench_sampling.py" + (f" --model {args.model} --tasks {args.tasks}" if args.model
-                                                           else "") + "`", ""])
+        "Command: `python benchmarks/bench_sampling.py " + " ".join(sys.argv[1:]) + "`", ""])
     print(body)
     if args.results:
-        replace_section(Path(args.results), body)
+        replace_section(Path(args.results), heading, body)
     return 0
 
 

@@ -8,8 +8,8 @@
 # It calls the same scripts as the GPU recipes (README), only with tiny sizes. The sizes can be
 # overridden through the environment (the test suite runs a shortened version this way):
 #   QS_TASKS, QS_NUM_TRAIN, QS_NUM_HELDOUT, QS_PRETRAIN_STEPS, QS_PRETRAIN_BATCH, QS_SFT_STEPS, QS_BATCH,
-#   QS_LR, QS_WD, QS_SEED, QS_EVAL_BATCH, QS_GEN_LENGTH, QS_PROMPT, QS_SKIP_INFERENCE=1 (benchmarks/bench_sampling.py
-#   trains its list-reversal model this way).
+#   QS_LR, QS_WD, QS_SEED, QS_EVAL_BATCH, QS_GEN_LENGTH, QS_PROMPT, QS_SKIP_INFERENCE=1
+#   (benchmarks/bench_sampling.py trains its 5-digit-addition model this way).
 set -euo pipefail
 cd "$(dirname "$0")"
 

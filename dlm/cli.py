@@ -102,7 +102,8 @@ class SamplerArguments:
     seq_len: int | None = field(default=None, metadata={
         "help": "Total canvas length (prompt + generated), as in the reference recipe."})
     gen_length: int | None = field(default=None, metadata={
-        "help": "Masks to generate after the prompt (excludes --seq_len; default 128 in inference.py, 16 in evaluate.py)."})
+        "help": "Masks to generate after the prompt (excludes --seq_len; default 128 in inference.py, "
+                "16 in evaluate.py)."})
     num_steps: int | None = field(default=None, metadata={
         "aliases": ["--steps"],
         "help": "Fixed-step budget over all blocks; must be a multiple of the number of blocks "

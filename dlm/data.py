@@ -82,11 +82,11 @@ def save_prepared(dataset, metadata: dict, out: str | Path, overwrite: bool) -> 
     An empty split (a tiny corpus with a 0.5% test split, or --test_split_pct 0) is written as one
     empty Arrow file: `datasets` saves it with no file at all, which `load_from_disk` cannot read.
     """
+    from dlm.cli import atomic_output_dir, atomic_write_text
+
     for split, ds in dataset.items():
         if len(ds) == 0:
             logger.warning("the %s split is empty", split)
-    from dlm.cli import atomic_output_dir, atomic_write_text
-
     with atomic_output_dir(out, "--path_to_data_store", overwrite) as tmp:
         dataset.save_to_disk(str(tmp), num_shards={k: 1 if len(v) == 0 else None for k, v in dataset.items()})
         atomic_write_text(tmp / METADATA_FILE, json.dumps(metadata, indent=2))

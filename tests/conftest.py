@@ -55,17 +55,20 @@ def tokenizer(tokenizer_dir):
     return load_tokenizer(str(tokenizer_dir))
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
-    """A very small ModernBERT (2 layers, hidden 32) saved with its tokenizer as a HF folder."""
+def save_tiny_model(tokenizer, out: Path, max_position_embeddings: int = 512) -> Path:
+    """A very small ModernBERT (2 layers, hidden 32), seeded, saved with its tokenizer as a HF folder."""
     import torch
 
     from dlm.modeling import build_from_scratch
 
     torch.manual_seed(0)
-    model = build_from_scratch("tiny", tokenizer, max_position_embeddings=512, hidden_size=32,
+    model = build_from_scratch("tiny", tokenizer, max_position_embeddings=max_position_embeddings, hidden_size=32,
                                intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    out = tmp_path_factory.mktemp("tiny_model")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    return save_tiny_model(tokenizer, tmp_path_factory.mktemp("tiny_model"))

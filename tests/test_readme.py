@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import save_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -112,18 +113,8 @@ def shrink(command: str, model_dir: Path, corpus: Path, alpaca: Path) -> list[st
 
 @pytest.fixture(scope="module")
 def readme_model(tmp_path_factory, tokenizer) -> Path:
-    """A tiny ModernBERT with room for the README's 1024-token SFT default, saved with its tokenizer."""
-    import torch
-
-    from dlm.modeling import build_from_scratch
-
-    torch.manual_seed(0)
-    model = build_from_scratch("tiny", tokenizer, max_position_embeddings=1024, hidden_size=32,
-                               intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    out = tmp_path_factory.mktemp("readme_model")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    """The tiny ModernBERT with room for the README's 1024-token SFT default."""
+    return save_tiny_model(tokenizer, tmp_path_factory.mktemp("readme_model"), max_position_embeddings=1024)
 
 
 def test_setup_and_test_commands_are_what_ci_runs():

@@ -748,7 +748,8 @@ class SFTDataArguments:
     format: str | None = field(default=None, metadata={
         "help": "Record format; detected from the columns when omitted.", "choices": list(SFT_FORMATS)})
     overlong: str = field(default="drop", metadata={
-        "help": "Samples longer than --context_length: drop them, or truncate them (the answer end may be lost).",
+        "help": "Samples longer than --context_length: drop them, or truncate them (the answer end may be lost; "
+                "a sample whose prompt alone fills the context is dropped either way).",
         "choices": ["drop", "truncate"]})
     test_split_pct: float = field(default=0.01, metadata={
         "help": "Fraction of records held out for the test split (0.01 = 1%%)."})
@@ -929,30 +930,38 @@ def prepare_sft(args: SFTDataArguments) -> dict:
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
         chats = [record_to_messages(r, fmt) for r in rows]
         ids, masks = encode_sft_batch(tokenizer, chats)
-        out_ids, out_masks, lengths, overlong, no_answer = [], [], [], [], []
+        out_ids, out_masks, lengths, overlong, no_answer, answer_cut = [], [], [], [], [], []
         for seq, mask in zip(ids, masks):
             too_long = len(seq) > limit
+            no_answer.append(not mask.any())  # the record itself has no assistant turn
             if too_long and truncate:
                 seq, mask = seq[:limit], mask[:limit]
             out_ids.append(seq)
             out_masks.append(mask.tolist())
             lengths.append(len(seq))
             overlong.append(too_long)
-            no_answer.append(not mask.any())
+            answer_cut.append(not no_answer[-1] and not mask.any())  # the prompt alone fills the context
         return {"input_ids": out_ids, "answer_mask": out_masks, "length": lengths,
-                "overlong": overlong, "no_answer": no_answer}
+                "overlong": overlong, "no_answer": no_answer, "answer_cut": answer_cut}
 
     features = Features({"input_ids": List(Value(dtype)), "answer_mask": List(Value("uint8")),
-                         "length": Value("int32"), "overlong": Value("bool"), "no_answer": Value("bool")})
+                         "length": Value("int32"), "overlong": Value("bool"), "no_answer": Value("bool"),
+                         "answer_cut": Value("bool")})
     encoded = records.map(encode, batched=True, batch_size=256, remove_columns=records.column_names,
                           features=features, num_proc=args.num_workers if args.num_workers > 1 else None,
                           desc="render+tokenize", load_from_cache_file=False)
-    overlong = np.asarray(encoded["overlong"], dtype=bool)
+    overlong = np.asarray(encoded["overlong"], dtype=bool) & ~np.asarray(encoded["no_answer"], dtype=bool)
     no_answer = np.asarray(encoded["no_answer"], dtype=bool)
-    keep = ~no_answer & (~overlong if not truncate else True)
-    n_dropped_overlong = int((overlong & ~no_answer).sum()) if not truncate else 0
-    n_truncated = int((overlong & ~no_answer).sum()) if truncate else 0
-    if n_dropped_overlong:
+    # Over-long samples are dropped, or truncated; a truncation that would cut the whole answer away
+    # (the prompt alone is longer than the context) drops the sample too, and is counted as dropped.
+    dropped = overlong & (np.asarray(encoded["answer_cut"], dtype=bool) if truncate else True)
+    keep = ~no_answer & ~dropped
+    n_dropped_overlong = int(dropped.sum())
+    n_truncated = int((overlong & ~dropped).sum())
+    if n_dropped_overlong and truncate:
+        logger.warning("dropped %d of %d samples whose prompt alone fills --context_length %d (no answer "
+                       "token would be left)", n_dropped_overlong, len(encoded), limit)
+    elif n_dropped_overlong:
         logger.warning("dropped %d of %d samples longer than --context_length %d (use --overlong truncate "
                        "to keep them cut)", n_dropped_overlong, len(encoded), limit)
     if n_truncated:
@@ -965,7 +974,7 @@ def prepare_sft(args: SFTDataArguments) -> dict:
                          f"are longer; raise --context_length or pass --overlong truncate)"
                          if n_dropped_overlong else f"{_source_flag(args)} {label}: no record has an answer")
     is_test = _test_assignment(len(kept), args.test_split_pct, args.dataset_split_seed)
-    encoded = encoded.remove_columns(["overlong", "no_answer"])
+    encoded = encoded.remove_columns(["overlong", "no_answer", "answer_cut"])
     dataset = DatasetDict({"train": encoded.select(kept[~is_test]), "test": encoded.select(kept[is_test])})
     lengths = np.asarray(encoded["length"], dtype=np.int64)
     splits = {}

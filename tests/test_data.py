@@ -257,18 +257,27 @@ def test_sft_overlong_drop_and_truncate_and_seeded_split(tmp_path, tokenizer, to
     records = _generated_alpaca(30, seed=4)
     path = tmp_path / "gen.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records))
-    lengths = [len(encode_chat(tokenizer, alpaca_to_messages(r))) for r in records]
+    chats = [alpaca_to_messages(r) for r in records]
+    lengths = [len(encode_chat(tokenizer, c)) for c in chats]
+    prompts = [len(encode_chat(tokenizer, c[:-1], add_generation_prompt=True)) for c in chats]
     limit = sorted(lengths)[20]
     longer = sum(n > limit for n in lengths)
     dropped = prepare_sft(_sft_args(tmp_path, tokenizer_dir, [path], context_length=limit, name="drop"))
     assert dropped["overlong"] == {"policy": "drop", "dropped": longer, "truncated": 0}
     assert dropped["splits"]["train"]["rows"] + dropped["splits"]["test"]["rows"] == 30 - longer
+    # Truncation keeps a sample only if some answer token survives, i.e. the prompt is shorter than the limit.
+    limit = min(limit, sorted(prompts)[-1])  # make sure at least one prompt alone fills the context
+    longer = sum(n > limit for n in lengths)
+    cut_away = sum(n > limit and m >= limit for n, m in zip(lengths, prompts))
+    assert cut_away >= 1
     cut = prepare_sft(_sft_args(tmp_path, tokenizer_dir, [path], context_length=limit, overlong="truncate",
                                 name="cut"))
-    assert cut["overlong"] == {"policy": "truncate", "dropped": 0, "truncated": longer}
+    assert cut["overlong"] == {"policy": "truncate", "dropped": cut_away, "truncated": longer - cut_away}
     data, _ = load_prepared(tmp_path / "cut", SFT_FORMAT)
     all_lengths = list(data["train"]["length"]) + list(data["test"]["length"])
-    assert max(all_lengths) == limit and sorted(all_lengths) == sorted(min(n, limit) for n in lengths)
+    assert max(all_lengths) == limit and sorted(all_lengths) == sorted(
+        min(n, limit) for n, m in zip(lengths, prompts) if m < limit)
+    assert all(any(mask) for split in ("train", "test") for mask in data[split]["answer_mask"])
     again = prepare_sft(_sft_args(tmp_path, tokenizer_dir, [path], context_length=limit, overlong="truncate",
                                   name="again"))
     other = prepare_sft(_sft_args(tmp_path, tokenizer_dir, [path], context_length=limit, overlong="truncate",

@@ -20,17 +20,23 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 
 
 def make_corpus(n_chars: int = 30_000, seed: int = 0) -> str:
-    """Real text when ../shared/data is present, otherwise generated English-like text."""
+    """Real text when ../shared/data is present, otherwise generated English-like text.
+
+    The generated text draws a few thousand distinct words from syllables (Zipf-like frequencies), so a
+    BPE tokenizer trained on it reaches the same vocabulary sizes (512 and more) as on real text.
+    """
     path = SHARED_DATA / "tinyshakespeare.txt"
     if path.is_file():
         return path.read_text(encoding="utf-8")[:n_chars]
     rng = random.Random(seed)
-    words = ("the king and queen of a far land spoke to their people about war peace bread "
-             "love and the sea while the wind blew over hills rivers towns").split()
+    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"] + ["th", "st", "ing", "er", "ou", "ea"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(3000)]
+    weights = [1 / (rank + 1) for rank in range(len(words))]
     lines = []
-    while sum(len(l) for l in lines) < n_chars:
-        lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(4, 14))).capitalize() + ".")
-    return "\n".join(lines)
+    while sum(len(line) + 1 for line in lines) < n_chars:
+        line = " ".join(rng.choices(words, weights, k=rng.randint(4, 14))).capitalize()
+        lines.append(line + rng.choice([".", ",", "!", "?", ";", ":"]))
+    return "\n".join(lines)[:n_chars]
 
 
 @pytest.fixture(scope="session")

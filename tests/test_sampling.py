@@ -152,10 +152,16 @@ def _confidence(probs: torch.Tensor, strategy: str) -> torch.Tensor:
     return torch.exp(-ent)
 
 
-@pytest.mark.parametrize("strategy,tau", [("low_confidence", 0.5), ("low_confidence", 0.75),
-                                          ("margin", 0.4), ("entropy", 0.3)])
-def test_threshold_commits_all_above_tau_and_at_least_one(confident_model, tokenizer, strategy, tau):
+@pytest.mark.parametrize("strategy,rank", [("low_confidence", 2), ("low_confidence", 4), ("margin", 2),
+                                           ("entropy", 3)])
+def test_threshold_commits_all_above_tau_and_at_least_one(confident_model, tokenizer, strategy, rank):
     mask_id = tokenizer.mask_token_id
+    # τ halfway between the rank-th and (rank+1)-th confidence of the first block on the blank canvas: the
+    # first step must commit `rank` positions at once, whatever tokenizer the tests were given (a fixed τ
+    # was vacuous for some of them: no position ever reached it).
+    blank = _step_distributions(confident_model, encode_prompt(tokenizer, PROMPTS[0]), [mask_id] * 24, mask_id)
+    top = _confidence(blank, strategy)[:8].sort(descending=True).values
+    tau = float(top[rank - 1] + top[rank]) / 2
     cfg = SamplerConfig(gen_length=24, block_length=8, threshold=tau, strategy=strategy, stop_at_eos=False)
     result = generate(confident_model, tokenizer, [PROMPTS[0]], cfg, return_history=True)[0]
     multi = 0
@@ -170,6 +176,7 @@ def test_threshold_commits_all_above_tau_and_at_least_one(confident_model, token
         assert committed == sorted(expected)
         assert all(after[j] == int(probs[j].argmax()) for j in committed)
         multi += len(committed) > 1
+    assert len(_newly_committed(result.history[0], result.history[1], mask_id)) == rank
     assert multi > 0, "the threshold never committed two positions in one step: test is vacuous"
     assert result.nfe == len(result.history) - 1 < 24
 

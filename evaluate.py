@@ -88,7 +88,7 @@ def main() -> int:
         # Significant digits, not decimals: a well-trained model's NLL is ~1e-3 and its error ~1e-5.
         rows += [("ELBO NLL / token (nats)", f"{elbo.nll_per_token:.4g} ± {elbo.stderr:.2g} "
                                              f"(Monte Carlo ± {elbo.mc_stderr:.2g})"),
-                 ("perplexity bound", f"{elbo.perplexity_bound:.4g}"),
+                 ("perplexity bound", f"{elbo.perplexity_bound:.5g}"),
                  ("loss (Trainer eval_loss form)", f"{elbo.loss:.4g} ± {elbo.loss_stderr:.2g} "
                                                    f"(Monte Carlo ± {elbo.loss_mc_stderr:.2g})"),
                  ("rows / tokens", f"{elbo.rows} / {elbo.tokens} ({elbo.split}, {elbo.num_samples} draws)")]

@@ -85,10 +85,10 @@ def read_prompts_file(path: str) -> list:
         if isinstance(row, dict) and "messages" in row:
             prompts.append(row["messages"])
         elif isinstance(row, dict) and ("prompt" in row or "instruction" in row):
-            text = row.get("prompt") or row["instruction"]
+            prompt = row.get("prompt") or row["instruction"]
             if row.get("input"):
-                text = f"{text}\n\n{row['input']}"
-            prompts.append(text)
+                prompt = f"{prompt}\n\n{row['input']}"
+            prompts.append(prompt)
         else:
             raise UsageError(f"--prompts_file {p} {at}: expected a `prompt`, `instruction` or `messages` key")
     return prompts

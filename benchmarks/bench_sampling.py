@@ -135,8 +135,7 @@ def main() -> int:
         f"(incl. end-of-turn), canvas of {args.gen_length} masks, one block, temperature 0, `low_confidence` "
         f"confidences, batches of {args.batch_size} prompts; model `{model_dir}`; {args.threads} CPU threads on "
         f"{platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d')}. Tokens = answer tokens up "
-        f"to and including the "
-        f"end-of-turn; the EOS tail that early stopping fills is not counted.", "",
+        f"to and including the end-of-turn; the EOS tail that early stopping fills is not counted.", "",
         markdown_table(headers, rows), "", verdict, "",
         "Command: `python benchmarks/bench_sampling.py " + " ".join(sys.argv[1:]) + "`", ""])
     print(body)

@@ -14,7 +14,8 @@ import logging
 import sys
 from dataclasses import asdict, dataclass, field
 
-from dlm.cli import ArgumentParser, SamplerArguments, UsageError, atomic_write_text, run_main, setup_logging
+from dlm.cli import SamplerArguments
+from dlm.errors import ArgumentParser, UsageError, atomic_write_text, run_main, setup_logging
 from dlm.evaluation import evaluate_elbo, evaluate_tasks, format_table, load_tasks, prepared_format
 
 logger = logging.getLogger("evaluate")

@@ -8,7 +8,7 @@
 into --hf_model_name's architecture); without it --hf_model_name itself is fine-tuned.
 """
 
-from dlm.cli import run_main
+from dlm.errors import run_main
 from dlm.training import SFTModelArguments, train_main
 
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from dlm.cli import ArgumentParser, SamplerArguments, UsageError, run_main, setup_logging
+from dlm.cli import SamplerArguments
+from dlm.errors import ArgumentParser, UsageError, run_main, setup_logging
 
 logger = logging.getLogger("inference")
 
@@ -162,7 +163,8 @@ def _offset(seed: int | None, offset: int) -> int | None:
 
 
 def run_prompts(model, tokenizer, prompts: list, config, args: InferenceArguments, live: bool) -> None:
-    from dlm.sampling import LiveView, generate
+    from dlm.display import LiveView
+    from dlm.sampling import generate
 
     chat = not args.no_chat_template
     for start in range(0, len(prompts), args.batch_size):
@@ -180,7 +182,8 @@ def run_prompts(model, tokenizer, prompts: list, config, args: InferenceArgument
 
 def run_chat(model, tokenizer, opening: list, config, args: InferenceArguments, live: bool) -> None:
     """Multi-turn chat: every turn re-renders the whole history through the chat template."""
-    from dlm.sampling import LiveView, generate
+    from dlm.display import LiveView
+    from dlm.sampling import generate
 
     interactive = sys.stdin.isatty()
     messages = [{"role": "system", "content": args.system}] if args.system else []

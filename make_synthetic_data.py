@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-from dlm.cli import ArgumentParser, UsageError, atomic_output_dir, run_main, setup_logging
+from dlm.errors import ArgumentParser, UsageError, atomic_output_dir, run_main, setup_logging
 from dlm.synthetic import TASKS, generate_split, pretraining_lines, task_prompt
 
 logger = logging.getLogger("make_synthetic_data")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 
-from dlm.cli import ArgumentParser, run_main, setup_logging
-from dlm.data import PretrainDataArguments, prepare_pretrain
+from dlm.data.packing import PretrainDataArguments, prepare_pretrain
+from dlm.errors import ArgumentParser, run_main, setup_logging
 
 logger = logging.getLogger("prepare_pretrain_data")
 

@@ -10,8 +10,8 @@ metadata.json; see dlm.data.prepare_sft.
 
 from __future__ import annotations
 
-from dlm.cli import ArgumentParser, run_main, setup_logging
-from dlm.data import SFTDataArguments, prepare_sft
+from dlm.data.chat import SFTDataArguments, prepare_sft
+from dlm.errors import ArgumentParser, run_main, setup_logging
 
 
 def main() -> int:

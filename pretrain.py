@@ -8,7 +8,7 @@ Add `--from_scratch --model_config tiny|small|base` to train a fresh ModernBERT 
 comes from --hf_model_name), `--resume_from_checkpoint auto` to continue a killed run.
 """
 
-from dlm.cli import run_main
+from dlm.errors import run_main
 from dlm.training import ModelArguments, train_main
 
 

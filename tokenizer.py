@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from dlm.cli import ArgumentParser, UsageError, atomic_output_dir, run_main, setup_logging
+from dlm.errors import ArgumentParser, UsageError, atomic_output_dir, run_main, setup_logging
 
 logger = logging.getLogger("tokenizer")
 
@@ -47,7 +47,7 @@ def main() -> int:
     if args.train_from and args.vocab_size < MIN_VOCAB:
         raise UsageError(f"--vocab_size must be at least {MIN_VOCAB}, got {args.vocab_size}")
     if args.save_to:  # refuse an existing folder before any slow work
-        from dlm.cli import check_output_dir
+        from dlm.errors import check_output_dir
         check_output_dir(args.save_to, "--save_to", args.overwrite)
 
     from dlm.tokenization import describe_tokenizer, load_mlm_tokenizer, train_tokenizer

@@ -133,7 +133,7 @@ def _prepare(work: Path, name: str, tok: Path, files: list[Path], context_length
 
 def naive(tok: str, path: str, context_length: int) -> None:
     """Child mode: tokenize each document alone, pad/truncate to context_length; print counts as JSON."""
-    from dlm.data import iter_text_file
+    from dlm.data.sources import iter_text_file
     from dlm.tokenization import load_tokenizer
 
     tokenizer = load_tokenizer(tok)

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dlm.cli import ArgumentParser, UsageError, atomic_write_text, run_main, setup_logging  # noqa: E402
+from dlm.errors import ArgumentParser, UsageError, atomic_write_text, run_main, setup_logging  # noqa: E402
 
 logger = logging.getLogger("bench_sampling")
 SECTION = "## Sampling: accuracy vs forward passes (bench_sampling.py)"

@@ -1,98 +1,15 @@
-"""Shared command-line plumbing: one-line errors with exit status 2, and atomic outputs.
+"""Command-line flags shared by the front ends (inference.py, evaluate.py, serve.py).
 
-Every entry point wraps its `main` with `run_main`, raises `UsageError` for bad input,
-and writes folders through `atomic_output_dir` so that a failure never leaves a
-half-written result behind. `SamplerArguments` are the sampler flags that inference.py and
-evaluate.py share (kept here, free of torch, so bad flags are refused before heavy imports).
+`SamplerArguments` are the sampler's flags; they stay free of torch so that bad flags are refused before
+heavy imports, and `to_config` turns them into the sampler's validated `SamplerConfig`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
-import shutil
-import sys
-import tempfile
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
-from transformers import HfArgumentParser
-
-logger = logging.getLogger("dlm")
-
-
-class UsageError(Exception):
-    """Bad input from the user (a flag, a file, a folder): reported in one line, exit status 2."""
-
-
-class ArgumentParser(HfArgumentParser):
-    """HfArgumentParser whose errors are one line (no usage dump) with exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, stream=sys.stderr)
-
-
-def run_main(main: Callable[[], int | None]) -> None:
-    """Run an entry point: `UsageError` becomes `error: ...` on stderr and exit status 2."""
-    try:
-        code = main()
-    except UsageError as err:
-        sys.stderr.write(f"error: {err}\n")
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
-    sys.exit(code or 0)
-
-
-def check_output_dir(path: str | os.PathLike, flag: str, overwrite: bool) -> Path:
-    """Refuse an existing, non-empty output folder unless --overwrite was given."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{flag} {path} exists and is not a folder")
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise UsageError(f"{flag} {path} already exists and is not empty (pass --overwrite to replace it)")
-    return path
-
-
-@contextlib.contextmanager
-def atomic_output_dir(path: str | os.PathLike, flag: str = "--output", overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `path`, on failure it is removed.
-
-    The old content of `path` (only possible with overwrite) is deleted only after the new
-    one is complete, so an interrupted run loses nothing that was already there.
-    """
-    final = check_output_dir(path, flag, overwrite)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
-    tmp.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file via a temporary name and rename, so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
+from dlm.errors import UsageError
 
 
 @dataclass

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from dlm.cli import UsageError
+from dlm.errors import UsageError
 from dlm.synthetic import normalize_answer
 
 logger = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def summarize_elbo(nlls: Sequence[float], counts: Sequence[float], mc_vars: Sequ
 
 def prepared_format(data_path: str | Path) -> str:
     """The format (pretraining or SFT) of a prepared folder, checked before any model is loaded."""
-    from dlm.data import METADATA_FILE, PRETRAIN_FORMAT, SFT_FORMAT, load_prepared
+    from dlm.data.storage import METADATA_FILE, PRETRAIN_FORMAT, SFT_FORMAT, load_prepared
 
     meta_path = Path(data_path) / METADATA_FILE
     fmt = PRETRAIN_FORMAT
@@ -164,7 +164,8 @@ def evaluate_elbo(model: torch.nn.Module, tokenizer, data_path: str | Path, spli
                   batch_size: int = 8, num_samples: int = 32, mc_groups: int = 2, seed: int = 0,
                   max_rows: int | None = None, sparse: bool = True) -> ElboResult:
     """ELBO per-token NLL of a prepared split (pretraining or SFT folder), seeded and batched as in training."""
-    from dlm.data import SFT_FORMAT, PretrainCollator, SFTCollator, load_prepared
+    from dlm.data.collators import PretrainCollator, SFTCollator
+    from dlm.data.storage import SFT_FORMAT, load_prepared
     from dlm.tokenization import special_ids
 
     fmt = prepared_format(data_path)
@@ -279,7 +280,8 @@ def answer_length(output_ids: Sequence[int], stop_ids: Sequence[int]) -> int:
 def evaluate_tasks(model: torch.nn.Module, tokenizer, items: Sequence[TaskItem], config, *, chat: bool = True,
                    seed: int = 0, batch_size: int = 64, on_step=None) -> TaskResult:
     """Generate an answer for each item with `dlm.sampling.generate` and score exact match and speed."""
-    from dlm.sampling import generate, stop_ids_for
+    from dlm.prompts import stop_ids_for
+    from dlm.sampling import generate
 
     stop_ids = stop_ids_for(tokenizer)
     start = time.perf_counter()

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from transformers import (AutoConfig, AutoModelForMaskedLM, ModernBertConfig, ModernBertForMaskedLM,
                           PreTrainedModel, PreTrainedTokenizerFast)
 
-from dlm.cli import UsageError
+from dlm.errors import UsageError, atomic_output_dir
 from dlm.tokenization import embedding_size_for, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -210,8 +210,6 @@ def load_checkpoint(path: str, hf_model_name: str | None = None, dtype: torch.dt
 def save_pretrained_atomic(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, folder: str | Path,
                            extra: dict | None = None, save_fn: Callable[[Path], None] | None = None) -> None:
     """Write a complete Hugging Face folder (safetensors, config, tokenizer with chat template) atomically."""
-    from dlm.cli import atomic_output_dir
-
     with atomic_output_dir(folder, flag="output", overwrite=True) as tmp:
         (save_fn or (lambda d: unwrap(model).save_pretrained(d, safe_serialization=True)))(tmp)
         tokenizer.save_pretrained(tmp)

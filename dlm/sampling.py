@@ -26,23 +26,19 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from dlm.cli import UsageError
+from dlm.errors import UsageError
+from dlm.policies import choose_candidates, commit_mask, confidences, entropy, fixed_step_schedule
+from dlm.prompts import Prompt, encode_prompt, stop_ids_for
 
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("low_confidence", "random", "margin", "entropy")
-
-# `[MASK*5]` is five masks to fill in place; a bare `[MASK]` is one.
-MASK_SPAN = re.compile(r"\[MASK(?:\*(\d+))?\]")
-
-Prompt = str | list[int] | list[dict]
 
 
 @dataclass
@@ -181,104 +177,6 @@ class ModelDenoiser(Denoiser):
         from dlm.modeling import selected_logits
 
         return selected_logits(self.model, canvas, select, attention_mask, sparse=self.sparse)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Prompts
-
-
-def expand_mask_spans(text: str, mask_token: str) -> str:
-    """Replace `[MASK*n]` (and `[MASK]`) by n copies of the tokenizer's own mask token."""
-    return MASK_SPAN.sub(lambda m: mask_token * int(m.group(1) or 1), text)
-
-
-def encode_prompt(tokenizer, prompt: Prompt, chat: bool = True) -> list[int]:
-    """Token ids of one prompt: text (through the chat template unless `chat=False`), a list of chat
-    messages (always templated, generation prompt added), or ids taken verbatim."""
-    from dlm.tokenization import encode_chat
-
-    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-        return list(prompt)
-    if isinstance(prompt, list):
-        messages = [{**m, "content": expand_mask_spans(m["content"], tokenizer.mask_token)} for m in prompt]
-        return encode_chat(tokenizer, messages, add_generation_prompt=True)
-    text = expand_mask_spans(prompt, tokenizer.mask_token)
-    if chat:
-        return encode_chat(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    # Without a template the model still expects its start token first, as in training rows.
-    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
-
-
-def stop_ids_for(tokenizer) -> tuple[int, ...]:
-    """End-of-turn and EOS ids (EOS alone for a tokenizer without chat markers)."""
-    from dlm.tokenization import special_ids
-
-    try:
-        return special_ids(tokenizer).stop_ids
-    except UsageError:
-        return (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Per-position decisions
-
-
-def fixed_step_schedule(masks: int, steps: int) -> list[int]:
-    """Commits per step for a block with `masks` masks and `steps` steps (the reference schedule)."""
-    base, extra = divmod(masks, steps)
-    return [base + (i < extra) for i in range(steps)]
-
-
-def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """Set logits outside the top-k and outside the nucleus of mass top_p to -inf (the best always stays)."""
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the tokens ranked above it already hold top_p of the mass.
-        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def choose_candidates(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                      noise: torch.Tensor | None) -> torch.Tensor:
-    """x̂ = argmax(filtered logits / T + Gumbel) with float64 Gumbel noise from uniforms `noise`;
-    T = 0 is the plain argmax (filters cannot change it)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    scaled = filter_logits(logits.double() / temperature, top_k, top_p)
-    gumbel = -torch.log(-torch.log(noise))
-    return (scaled + gumbel).argmax(-1)
-
-
-def confidences(probs: torch.Tensor, candidates: torch.Tensor, strategy: str,
-                uniform: torch.Tensor | None) -> torch.Tensor:
-    """Per-position confidence (higher commits first) for a strategy."""
-    if strategy == "low_confidence":
-        return probs.gather(-1, candidates[:, None]).squeeze(-1)
-    if strategy == "margin":
-        top2 = torch.topk(probs, 2, dim=-1).values
-        return top2[:, 0] - top2[:, 1]
-    if strategy == "entropy":
-        return torch.exp(-entropy(probs))
-    return uniform.to(probs.dtype)
-
-
-def entropy(probs: torch.Tensor) -> torch.Tensor:
-    return torch.special.entr(probs).sum(-1)
-
-
-def commit_mask(select: torch.Tensor, score: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """The `counts[b]` selected positions of each row with the highest `score` ([B, L], -inf where unselected)."""
-    order = score.argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
-                                             .expand_as(order).contiguous())
-    return select & (rank < counts[:, None])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -553,81 +451,3 @@ class _Sampler:
         decided = sum(1 for t, g in zip(output, generated) if g and t != self.mask_id)
         return SampleResult(prompt_ids=ids[:row.prompt_len], output_ids=output, text=text, nfe=row.nfe,
                             steps=row.steps, seconds=row.seconds, num_generated=decided, history=row.history)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Live view
-
-
-class LiveView:
-    """A rich live display of generation: each row's canvas filling in (masks shown as ░) and a progress bar.
-
-    Use as `with LiveView(tokenizer) as view: generate(..., on_step=view)`. Frames are throttled to
-    `fps` so that drawing never dominates a fast sampler; the view disappears when it closes, leaving
-    the terminal to the final answers.
-    """
-
-    MASK_GLYPH = "░"
-
-    def __init__(self, tokenizer, console=None, max_rows: int = 4, fps: float = 15.0, title: str = "dlm"):
-        from rich.console import Console
-
-        self.tokenizer = tokenizer
-        self.console = console or Console()
-        self.max_rows, self.interval, self.title = max_rows, 1.0 / fps, title
-        self._live = None
-        self._last = 0.0
-
-    def __enter__(self) -> LiveView:
-        from rich.live import Live
-
-        self._live = Live(console=self.console, auto_refresh=False, transient=True)
-        self._live.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._live.__exit__(*exc)
-        self._live = None
-
-    def __call__(self, event: StepEvent) -> None:
-        now = time.perf_counter()
-        if self._live is None or (now - self._last < self.interval and not all(event.done)):
-            return
-        self._last = now
-        self._live.update(self.render(event), refresh=True)
-
-    def canvas_text(self, ids: list[int], mask_id: int):
-        """Decoded runs of decided tokens, one dim glyph per mask."""
-        from rich.text import Text
-
-        text, run = Text(), []
-        for t in ids + [None]:
-            if t is not None and t != mask_id:
-                run.append(t)
-                continue
-            if run:
-                text.append(self.tokenizer.decode(run, skip_special_tokens=True))
-                run = []
-            if t is not None:
-                text.append(self.MASK_GLYPH, style="dim cyan")
-        return text
-
-    def render(self, event: StepEvent):
-        from rich.console import Group
-        from rich.panel import Panel
-        from rich.progress_bar import ProgressBar
-        from rich.table import Table
-
-        panels = []
-        for i, ids in enumerate(event.canvases[:self.max_rows]):
-            title = f"{self.title} · row {i + 1} · NFE {event.nfe[i]}" + (" · done" if event.done[i] else "")
-            panels.append(Panel(self.canvas_text(ids, event.mask_id), title=title, title_align="left",
-                                border_style="green" if event.done[i] else "blue"))
-        total = sum(event.total)
-        decided = total - sum(event.remaining)
-        bar = Table.grid(padding=(0, 1))
-        bar.add_row(ProgressBar(total=total, completed=decided, width=40),
-                    f"{decided}/{total} tokens · step {event.step}")
-        hidden = len(event.canvases) - self.max_rows
-        extra = [f"(+{hidden} more rows)"] if hidden > 0 else []
-        return Group(*panels, *extra, bar)

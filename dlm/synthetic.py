@@ -24,7 +24,7 @@ import string
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from dlm.cli import UsageError
+from dlm.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ def normalize_answer(text: str) -> str:
 
 def task_prompt(problem: Problem) -> str:
     """The user turn of a problem exactly as training renders its Alpaca record (dlm.data.alpaca_to_messages)."""
-    from dlm.data import alpaca_to_messages
+    from dlm.data.chat import alpaca_to_messages
 
     messages = alpaca_to_messages(problem.to_alpaca())
     return next(m["content"] for m in messages if m["role"] == "user")

@@ -27,7 +27,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from dlm.cli import UsageError
+from dlm.errors import UsageError
 
 logger = logging.getLogger(__name__)
 

@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
-from dlm.cli import UsageError
-from dlm.data import PRETRAIN_FORMAT, SFT_FORMAT, PretrainCollator, SFTCollator, load_prepared
+from dlm.data.collators import PretrainCollator, SFTCollator
+from dlm.data.storage import PRETRAIN_FORMAT, SFT_FORMAT, load_prepared
 from dlm.diffusion import EPS, antithetic_times, diffusion_loss, elbo_loss
+from dlm.errors import UsageError
 from dlm.modeling import MODEL_CONFIGS, build_from_scratch, load_checkpoint, load_masked_lm
 from dlm.tokenization import load_tokenizer, special_ids
 
@@ -445,7 +446,7 @@ def run_training(objective: str, model_args: ModelArguments, data_args: DataArgu
 
 def train_main(objective: str, model_cls: type = ModelArguments) -> int:
     """Entry point of both scripts: parse the flags, train, report a non-finite loss in one line."""
-    from dlm.cli import ArgumentParser, setup_logging
+    from dlm.errors import ArgumentParser, setup_logging
 
     parser = ArgumentParser((model_cls, DataArguments, DiffusionTrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses()

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 from conftest import SHARED_DATA
 
-from dlm.cli import UsageError
-from dlm.data import (PRETRAIN_FORMAT, SFT_FORMAT, PretrainDataArguments, SFTCollator, SFTDataArguments,
-                      alpaca_to_messages, answer_mask_from_offsets, detect_format, iter_text_file,
-                      load_prepared, pack_rows, prepare_pretrain, prepare_sft, record_to_messages,
-                      records_to_messages)
+from dlm.data.chat import (SFTDataArguments, alpaca_to_messages, answer_mask_from_offsets, detect_format, prepare_sft,
+                           record_to_messages, records_to_messages)
+from dlm.data.collators import SFTCollator
+from dlm.data.packing import PretrainDataArguments, pack_rows, prepare_pretrain
+from dlm.data.sources import iter_text_file
+from dlm.data.storage import PRETRAIN_FORMAT, SFT_FORMAT, load_prepared
+from dlm.errors import UsageError
 from dlm.tokenization import encode_chat, render_chat
 
 DECODE = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -130,7 +132,7 @@ def test_pretrain_streaming_resumes_finished_shards(tmp_path, tokenizer, tokeniz
     assert len(finished) >= 2
     path.write_text("\n".join(good) + "\n")  # the same file, repaired (same size and time stamp)
     os.utime(path, ns=(stamp, stamp))
-    with caplog.at_level(logging.INFO, logger="dlm.data"):
+    with caplog.at_level(logging.INFO, logger="dlm.data.packing"):
         resumed = prepare_pretrain(args)
     assert f"resuming: {len(finished)} finished shard(s)" in caplog.text
     clean = prepare_pretrain(_pretrain_args(tmp_path, tokenizer_dir, [path], streaming=True, shard_mb=0.0005,
@@ -205,7 +207,7 @@ def test_sft_answer_mask_on_shared_alpaca_sample(tmp_path, tokenizer, tokenizer_
 
 
 def test_multi_turn_formats_mask_every_assistant_turn(tokenizer):
-    from dlm.data import encode_sft_batch
+    from dlm.data.chat import encode_sft_batch
 
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"},
             {"role": "assistant", "content": "2"}, {"role": "user", "content": " and 2+2 ?\n"},

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dlm.cli import UsageError
+from dlm.errors import UsageError
 from dlm.evaluation import (answer_length, binomial_stderr, evaluate_elbo, exact_match, format_table, load_tasks,
                             mean_and_stderr, ratio_and_stderr, summarize_elbo)
 
@@ -86,7 +86,7 @@ def _prepared_pretrain(folder: Path, tokenizer, text: str, rows: int = 12, lengt
     """A prepared pretraining folder following the metadata contract of dlm.data (packed rows)."""
     from datasets import Dataset, DatasetDict
 
-    from dlm.data import METADATA_FILE, PRETRAIN_FORMAT
+    from dlm.data.storage import METADATA_FILE, PRETRAIN_FORMAT
     from dlm.tokenization import tokenizer_fingerprint
 
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -106,7 +106,8 @@ def prepared(tmp_path_factory, tokenizer, corpus_text):
 
 def test_elbo_agrees_with_trainer_eval_loss(tiny_model_dir, prepared, tmp_path):
     """Done-when 2: evaluate.py's ELBO and the Trainer's eval loss estimate the same number on the same rows."""
-    from dlm.data import PretrainCollator, load_prepared
+    from dlm.data.collators import PretrainCollator
+    from dlm.data.storage import load_prepared
     from dlm.modeling import load_checkpoint
     from dlm.tokenization import special_ids
     from dlm.training import DiffusionTrainer, DiffusionTrainingArguments

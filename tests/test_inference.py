@@ -202,9 +202,8 @@ def test_bad_input_is_one_line_exit_2(runs, paths, name):
 
 
 def test_prompts_file_formats(tmp_path):
+    from dlm.errors import UsageError
     from inference import read_prompts_file
-
-    from dlm.cli import UsageError
 
     text = tmp_path / "p.txt"
     text.write_text("first prompt\n\nsecond prompt\n")

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from transformers import (AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, GPT2Config,
                           RobertaConfig, RobertaForMaskedLM)
 
-from dlm.cli import UsageError
+from dlm.errors import UsageError
 from dlm.modeling import (build_from_scratch, load_checkpoint, load_masked_lm, load_weights_strict,
                           resize_for_tokenizer, selected_logits, sparse_head_module)
 from dlm.tokenization import train_tokenizer

@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT
 from transformers import GPT2Config
 
-from dlm.data import PRETRAIN_FORMAT, SFT_FORMAT, load_prepared
+from dlm.data.storage import PRETRAIN_FORMAT, SFT_FORMAT, load_prepared
 
 PRETRAIN = ROOT / "prepare_pretrain_data.py"
 SFT = ROOT / "prepare_sft_data.py"
@@ -146,10 +146,10 @@ def test_sft_malformed_json_and_missing_output_column(tmp_path, tokenizer_dir):
 def test_every_flag_has_help_and_help_renders():
     import dataclasses
 
+    from dlm.data.chat import SFTDataArguments
+    from dlm.data.packing import PretrainDataArguments
+    from dlm.errors import ArgumentParser
     from tokenizer import Arguments as TokenizerArguments
-
-    from dlm.cli import ArgumentParser
-    from dlm.data import PretrainDataArguments, SFTDataArguments
 
     for cls in (PretrainDataArguments, SFTDataArguments, TokenizerArguments):
         assert all(f.metadata.get("help") for f in dataclasses.fields(cls)), cls

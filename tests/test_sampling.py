@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from dlm.cli import UsageError
+from dlm.errors import UsageError
 from dlm.modeling import build_from_scratch
-from dlm.sampling import (Denoiser, ModelDenoiser, SamplerConfig, choose_candidates, encode_prompt,
-                          filter_logits, fixed_step_schedule, generate)
+from dlm.policies import choose_candidates, filter_logits, fixed_step_schedule
+from dlm.prompts import encode_prompt
+from dlm.sampling import Denoiser, ModelDenoiser, SamplerConfig, generate
 from dlm.tokenization import special_ids
 
 PROMPTS = ["What is the sum of 12 and 30?", "Hi", "The king spoke to the people about bread and the sea."]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dlm.cli import UsageError
+from dlm.errors import UsageError
 from dlm.synthetic import TASKS, Problem, generate_split, is_heldout, normalize_answer, pretraining_lines, task_prompt
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ from conftest import ROOT
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GPT2Config, PreTrainedTokenizerFast
 
-from dlm.cli import UsageError
+from dlm.errors import UsageError
 from dlm.tokenization import (CHAT_TOKENS, encode_chat, load_mlm_tokenizer, prepare_tokenizer, render_chat,
                               smallest_uint_dtype, special_ids)
 

@@ -108,7 +108,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_model_dir, pretrain
 DRIVER = """
 import hashlib, json, sys
 from pathlib import Path
-from dlm.cli import ArgumentParser
+from dlm.errors import ArgumentParser
 from dlm.training import DataArguments, DiffusionTrainingArguments, ModelArguments, run_training
 parser = ArgumentParser((ModelArguments, DataArguments, DiffusionTrainingArguments))
 m, d, t = parser.parse_args_into_dataclasses()
@@ -229,7 +229,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tiny_model_di
 @pytest.fixture(scope="module")
 def other_tokenizer_data(tmp_path_factory, corpus_text) -> Path:
     """Data prepared (by the library function prepare_pretrain_data.py calls) with a different tokenizer."""
-    from dlm.data import PretrainDataArguments, prepare_pretrain
+    from dlm.data.packing import PretrainDataArguments, prepare_pretrain
     from dlm.tokenization import train_tokenizer
 
     work = tmp_path_factory.mktemp("other")
@@ -278,7 +278,7 @@ def test_bad_input_is_one_line_exit_2(case, tiny_model_dir, pretrain_data, sft_d
 def test_missing_report_to_package_is_a_usage_error(monkeypatch):
     from transformers import integrations
 
-    from dlm.cli import UsageError
+    from dlm.errors import UsageError
     from dlm.training import check_reporters
 
     monkeypatch.setattr(integrations, "is_tensorboard_available", lambda: False)

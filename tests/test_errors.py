@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dlm.cli import UsageError, atomic_output_dir
+from dlm.errors import UsageError, atomic_output_dir
 
 
 def test_atomic_output_dir_keeps_old_content_on_failure(tmp_path):
@@ -30,7 +30,7 @@ def test_atomic_output_dir_keeps_old_content_on_failure(tmp_path):
 
 
 def test_run_main_turns_usage_error_into_one_line_exit_2():
-    code = ("from dlm.cli import run_main, UsageError\n"
+    code = ("from dlm.errors import run_main, UsageError\n"
             "def main():\n    raise UsageError('--flag: bad value')\n"
             "run_main(main)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

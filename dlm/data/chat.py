@@ -1,0 +1,301 @@
+"""SFT data: records (Alpaca, OpenOrca, messages, ShareGPT) -> chat messages -> rendered ids with an answer mask."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from dlm.data.sources import (RECORD_EXTENSIONS, check_common_args, check_context_fits_model, columns_error,
+                              expand_data_files, iter_local_records, source_flag, split_name)
+from dlm.data.split import test_assignment
+from dlm.data.storage import SFT_FORMAT, save_prepared
+from dlm.errors import UsageError, check_output_dir
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SFT_DATASET = "tatsu-lab/alpaca"
+SFT_FORMATS = ("alpaca", "openorca", "messages", "sharegpt")
+# Columns each format needs (required) and may use (optional).
+SFT_COLUMNS = {
+    "alpaca": (("instruction", "output"), ("input",)),
+    "openorca": (("question", "response"), ("system_prompt",)),
+    "messages": (("messages",), ()),
+    "sharegpt": (("conversations",), ()),
+}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
+                  "system": "system"}
+
+
+@dataclass
+class SFTDataArguments:
+    """Flags of prepare_sft_data.py (reference recipe names first, Hugging Face names as aliases)."""
+
+    path_to_data_store: str = field(metadata={
+        "help": "Output folder: a DatasetDict (train/test) plus metadata.json, written atomically.",
+        "aliases": ["--output_dir"]})
+    hf_model_name: str = field(default="answerdotai/ModernBERT-large", metadata={
+        "help": "Hub id or local folder of the masked LM (or tokenizer) whose tokenizer is used.",
+        "aliases": ["--model_name_or_path", "--tokenizer_name"]})
+    context_length: int = field(default=1024, metadata={
+        "help": "Maximum length of a rendered sample, in tokens (see --overlong).",
+        "aliases": ["--max_seq_length"]})
+    dataset: str | None = field(default=None, metadata={
+        "help": f"Hub dataset as NAME or NAME:CONFIG (default {DEFAULT_SFT_DATASET} unless --data_files).",
+        "aliases": ["--dataset_name"]})
+    dataset_split: str = field(default="train", metadata={"help": "Split of the hub dataset to read."})
+    data_files: list[str] | None = field(default=None, metadata={
+        "help": "Local .json/.jsonl/.parquet/.csv files or globs (instead of a hub dataset)."})
+    format: str | None = field(default=None, metadata={
+        "help": "Record format; detected from the columns when omitted.", "choices": list(SFT_FORMATS)})
+    overlong: str = field(default="drop", metadata={
+        "help": "Samples longer than --context_length: drop them, or truncate them (the answer end may be lost; "
+                "a sample whose prompt alone fills the context is dropped either way).",
+        "choices": ["drop", "truncate"]})
+    test_split_pct: float = field(default=0.01, metadata={
+        "help": "Fraction of records held out for the test split (0.01 = 1%%)."})
+    dataset_split_seed: int = field(default=42, metadata={
+        "help": "Seed of the train/test split.", "aliases": ["--seed"]})
+    num_workers: int = field(default=1, metadata={
+        "help": "Tokenizer processes.", "aliases": ["--preprocessing_num_workers"]})
+    huggingface_cache_dir: str | None = field(default=None, metadata={
+        "help": "Cache folder for hub downloads.", "aliases": ["--cache_dir"]})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --path_to_data_store."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom tokenizer code from the hub."})
+
+
+def detect_format(columns: Iterable[str], fmt: str | None = None, where: str = "the dataset",
+                  flag: str = "--data_files") -> str:
+    """The SFT format of records with these columns (or check that `fmt` fits them)."""
+    columns = set(columns)
+    if fmt is None:
+        if "messages" in columns:
+            fmt = "messages"
+        elif "conversations" in columns:
+            fmt = "sharegpt"
+        elif "question" in columns or "response" in columns:
+            fmt = "openorca"
+        elif "instruction" in columns or "output" in columns:
+            fmt = "alpaca"
+        else:
+            raise UsageError(f"{flag}: cannot detect the format of {where}: expected instruction/output "
+                             f"(Alpaca), question/response (OpenOrca), messages or conversations "
+                             f"(columns found: {', '.join(sorted(columns)) or 'none'})")
+    if fmt not in SFT_COLUMNS:
+        raise UsageError(f"--format must be one of {', '.join(SFT_FORMATS)}, got {fmt!r}")
+    for column in SFT_COLUMNS[fmt][0]:
+        if column not in columns:
+            raise columns_error(flag, where, column, columns, f" for the {fmt} format")
+    return fmt
+
+
+def alpaca_to_messages(record: dict) -> list[dict]:
+    """An Alpaca record as a chat: the user turn is the instruction, then a blank line and the input
+    when there is one (both exactly as written); the output is the assistant turn."""
+    user = record["instruction"]
+    if record.get("input"):
+        user = f"{user}\n\n{record['input']}"
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+
+
+def record_to_messages(record: dict, fmt: str) -> list[dict]:
+    """One record of a given SFT format as a list of {role, content} messages."""
+    if fmt == "alpaca":
+        return alpaca_to_messages(record)
+    if fmt == "openorca":
+        messages = [{"role": "system", "content": record["system_prompt"]}] if record.get("system_prompt") else []
+        return messages + [{"role": "user", "content": record["question"]},
+                           {"role": "assistant", "content": record["response"]}]
+    if fmt == "messages":
+        return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+    if fmt == "sharegpt":
+        messages = []
+        for turn in record["conversations"]:
+            role = SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
+            if role is None:
+                raise UsageError(f"--format sharegpt: unknown speaker {turn.get('from')!r} "
+                                 f"(known: {', '.join(SHAREGPT_ROLES)})")
+            messages.append({"role": role, "content": turn["value"]})
+        return messages
+    raise UsageError(f"--format must be one of {', '.join(SFT_FORMATS)}, got {fmt!r}")
+
+
+def records_to_messages(records: Iterable[dict], fmt: str | None = None) -> list[list[dict]]:
+    """Chats of a list of records; the format is detected from the first record's keys unless given."""
+    records = list(records)
+    if not records:
+        return []
+    fmt = detect_format(records[0].keys(), fmt, where="the records", flag="--format")
+    return [record_to_messages(r, fmt) for r in records]
+
+
+def assistant_char_spans(tokenizer, messages: Sequence[dict], text: str | None = None) -> list[tuple[int, int]]:
+    """Character spans of the rendered chat that belong to the answer: each assistant turn's content
+    and its end-of-turn marker.
+
+    Found by rendering prefixes of the chat, so any template whose generation prompt is a prefix of
+    the full rendering works; a template that breaks that property is reported.
+    """
+    from dlm.tokenization import render_chat
+
+    text = render_chat(tokenizer, messages) if text is None else text
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(render_chat(tokenizer, messages[:i], add_generation_prompt=True))
+        end = len(render_chat(tokenizer, messages[: i + 1]))
+        if not text.startswith(render_chat(tokenizer, messages[:i], add_generation_prompt=True)):
+            raise UsageError("the chat template's generation prompt is not a prefix of the full rendering")
+        spans.append((start, end))
+    return spans
+
+
+def answer_mask_from_offsets(offsets: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """1 for tokens whose first character lies in one of the spans, 0 elsewhere (vectorised)."""
+    if not spans or len(offsets) == 0:
+        return np.zeros(len(offsets), dtype=np.uint8)
+    starts = offsets[:, 0][:, None]
+    bounds = np.asarray(spans)
+    return ((starts >= bounds[None, :, 0]) & (starts < bounds[None, :, 1])).any(axis=1).astype(np.uint8)
+
+
+def encode_sft_batch(tokenizer, chats: Sequence[Sequence[dict]]) -> tuple[list[list[int]], list[np.ndarray]]:
+    """Ids (exactly `encode_chat` of each chat) and answer masks for a batch of chats."""
+    from dlm.tokenization import render_chat
+
+    texts = [render_chat(tokenizer, chat) for chat in chats]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False,
+                    return_token_type_ids=False)
+    masks = [answer_mask_from_offsets(np.asarray(offsets, dtype=np.int64).reshape(-1, 2),
+                                      assistant_char_spans(tokenizer, chat, text))
+             for chat, text, offsets in zip(chats, texts, enc["offset_mapping"])]
+    return enc["input_ids"], masks
+
+
+def _load_sft_records(args: SFTDataArguments):
+    """The source records as a `datasets.Dataset`, a label for metadata and messages, and the format."""
+    if args.data_files:  # parsed and checked before `datasets` is imported, so bad files fail fast
+        paths = expand_data_files(args.data_files, allowed=RECORD_EXTENSIONS)
+        records = []
+        for path in paths:
+            records.extend(iter_local_records(path))
+        label = ",".join(str(p) for p in paths)
+        if not records:
+            raise UsageError(f"--data_files {label}: the dataset is empty (no records)")
+        columns = set().union(*(r.keys() for r in records))
+        fmt = detect_format(columns, args.format, where=label)
+        wanted = [c for c in (*SFT_COLUMNS[fmt][0], *SFT_COLUMNS[fmt][1]) if c in columns]
+        from datasets import Dataset
+        # Only the columns the format reads: other columns may hold values Arrow cannot unify.
+        return Dataset.from_list([{c: r.get(c) for c in wanted} for r in records]), label, fmt
+    from datasets import load_dataset
+
+    spec = args.dataset or DEFAULT_SFT_DATASET
+    name, config = split_name(spec)
+    try:
+        ds = load_dataset(name, config, split=args.dataset_split, cache_dir=args.huggingface_cache_dir)
+    except Exception as err:  # connection, missing config or split: datasets raises many types
+        raise UsageError(f"--dataset {spec}: cannot load split {args.dataset_split!r} "
+                         f"({str(err).splitlines()[0]})") from None
+    if len(ds) == 0:
+        raise UsageError(f"--dataset {spec}: the dataset is empty")
+    fmt = detect_format(ds.column_names, args.format, where=spec, flag="--dataset")
+    return ds, spec, fmt
+
+
+def prepare_sft(args: SFTDataArguments) -> dict:
+    """Build the SFT DatasetDict (input_ids, answer_mask, length) described by `args`; return its metadata.
+
+    Each record becomes a chat, rendered with the tokenizer's chat template; `answer_mask` is 1 on
+    every assistant turn's tokens and its end-of-turn token. Over-long samples are dropped or
+    truncated per `--overlong`, with counts in the metadata.
+    """
+
+    out = check_output_dir(args.path_to_data_store, "--path_to_data_store", args.overwrite)
+    check_common_args(args)
+    records, label, fmt = _load_sft_records(args)
+
+    from datasets import DatasetDict, Features, List, Value
+
+    from dlm.tokenization import load_mlm_tokenizer, smallest_uint_dtype, special_ids, tokenizer_fingerprint
+
+    tokenizer = load_mlm_tokenizer(args.hf_model_name, trust_remote_code=args.trust_remote_code)
+    check_context_fits_model(args)
+    specials = special_ids(tokenizer)
+    dtype = smallest_uint_dtype(len(tokenizer))
+    limit, truncate = args.context_length, args.overlong == "truncate"
+
+    def encode(batch: dict) -> dict:
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        chats = [record_to_messages(r, fmt) for r in rows]
+        ids, masks = encode_sft_batch(tokenizer, chats)
+        out_ids, out_masks, lengths, overlong, no_answer, answer_cut = [], [], [], [], [], []
+        for seq, mask in zip(ids, masks):
+            too_long = len(seq) > limit
+            no_answer.append(not mask.any())  # the record itself has no assistant turn
+            if too_long and truncate:
+                seq, mask = seq[:limit], mask[:limit]
+            out_ids.append(seq)
+            out_masks.append(mask.tolist())
+            lengths.append(len(seq))
+            overlong.append(too_long)
+            answer_cut.append(not no_answer[-1] and not mask.any())  # the prompt alone fills the context
+        return {"input_ids": out_ids, "answer_mask": out_masks, "length": lengths,
+                "overlong": overlong, "no_answer": no_answer, "answer_cut": answer_cut}
+
+    features = Features({"input_ids": List(Value(dtype)), "answer_mask": List(Value("uint8")),
+                         "length": Value("int32"), "overlong": Value("bool"), "no_answer": Value("bool"),
+                         "answer_cut": Value("bool")})
+    encoded = records.map(encode, batched=True, batch_size=256, remove_columns=records.column_names,
+                          features=features, num_proc=args.num_workers if args.num_workers > 1 else None,
+                          desc="render+tokenize", load_from_cache_file=False)
+    overlong = np.asarray(encoded["overlong"], dtype=bool) & ~np.asarray(encoded["no_answer"], dtype=bool)
+    no_answer = np.asarray(encoded["no_answer"], dtype=bool)
+    # Over-long samples are dropped, or truncated; a truncation that would cut the whole answer away
+    # (the prompt alone is longer than the context) drops the sample too, and is counted as dropped.
+    dropped = overlong & (np.asarray(encoded["answer_cut"], dtype=bool) if truncate else True)
+    keep = ~no_answer & ~dropped
+    n_dropped_overlong = int(dropped.sum())
+    n_truncated = int((overlong & ~dropped).sum())
+    if n_dropped_overlong and truncate:
+        logger.warning("dropped %d of %d samples whose prompt alone fills --context_length %d (no answer "
+                       "token would be left)", n_dropped_overlong, len(encoded), limit)
+    elif n_dropped_overlong:
+        logger.warning("dropped %d of %d samples longer than --context_length %d (use --overlong truncate "
+                       "to keep them cut)", n_dropped_overlong, len(encoded), limit)
+    if n_truncated:
+        logger.warning("truncated %d samples to --context_length %d", n_truncated, limit)
+    if no_answer.any():
+        logger.warning("skipped %d records with no assistant answer", int(no_answer.sum()))
+    kept = np.flatnonzero(keep)
+    if len(kept) == 0:
+        raise UsageError(f"--context_length {limit}: no sample is left (all {n_dropped_overlong} usable samples "
+                         f"are longer; raise --context_length or pass --overlong truncate)"
+                         if n_dropped_overlong else f"{source_flag(args)} {label}: no record has an answer")
+    is_test = test_assignment(len(kept), args.test_split_pct, args.dataset_split_seed)
+    encoded = encoded.remove_columns(["overlong", "no_answer", "answer_cut"])
+    dataset = DatasetDict({"train": encoded.select(kept[~is_test]), "test": encoded.select(kept[is_test])})
+    lengths = np.asarray(encoded["length"], dtype=np.int64)
+    splits = {}
+    for split, index in (("train", kept[~is_test]), ("test", kept[is_test])):
+        answer_tokens = sum(int(np.sum(m)) for m in dataset[split]["answer_mask"]) if len(index) else 0
+        splits[split] = {"rows": int(len(index)), "tokens": int(lengths[index].sum()),
+                         "answer_tokens": answer_tokens,
+                         "max_length": int(lengths[index].max()) if len(index) else 0}
+    metadata = {
+        "format": SFT_FORMAT, "tokenizer": args.hf_model_name,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer),
+        "special_ids": asdict(specials), "context_length": limit, "dtype": dtype, "splits": splits,
+        "sources": [label], "record_format": fmt, "seed": args.dataset_split_seed,
+        "test_split_pct": args.test_split_pct,
+        "overlong": {"policy": args.overlong, "dropped": n_dropped_overlong, "truncated": n_truncated},
+        "records": len(records), "skipped_no_answer": int(no_answer.sum()), "created_by": "prepare_sft_data.py",
+    }
+    save_prepared(dataset, metadata, out, args.overwrite)
+    logger.info("train %d / test %d samples (%s format); %d dropped, %d truncated as over-long",
+                splits["train"]["rows"], splits["test"]["rows"], fmt, n_dropped_overlong, n_truncated)
+    return metadata

@@ -8,6 +8,8 @@ This module imports nothing from dlm, so every other module may import it.
 from __future__ import annotations
 
 import contextlib
+import difflib
+import errno
 import logging
 import os
 import shutil
@@ -26,11 +28,34 @@ class UsageError(Exception):
 
 
 class ArgumentParser(HfArgumentParser):
-    """HfArgumentParser whose errors are one line (no usage dump) with exit status 2."""
+    """HfArgumentParser whose errors are one line (no usage dump) with exit status 2.
+
+    An unknown flag names the closest real one: HfArgumentParser raises a ValueError listing every
+    leftover string instead, a traceback for the most common typo of all.
+    """
 
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(2)
+
+    def parse_args_into_dataclasses(self, args=None, return_remaining_strings: bool = False, **kwargs):
+        *parsed, remaining = super().parse_args_into_dataclasses(args, return_remaining_strings=True, **kwargs)
+        if return_remaining_strings:
+            return (*parsed, remaining)
+        if remaining:
+            self.error(self.unknown_argument_message(remaining))
+        return tuple(parsed)
+
+    def unknown_argument_message(self, remaining: list[str]) -> str:
+        """'unrecognized argument --learnig_rate: did you mean --learning_rate?' for the first leftover string."""
+        flags = [f for f in remaining if f.startswith("-")]
+        if not flags:
+            return f"unexpected value {remaining[0]!r}: every value follows its flag (see --help)"
+        flag = flags[0].split("=", 1)[0]
+        known = [o for o in self._option_string_actions if o.startswith("--")]
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "see --help for the flags"
+        return f"unrecognized argument {flag}: {hint}"
 
 
 def setup_logging(level: int = logging.INFO) -> None:

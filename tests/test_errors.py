@@ -36,3 +36,46 @@ def test_run_main_turns_usage_error_into_one_line_exit_2():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr == "error: --flag: bad value\n"
+
+
+# One real flag per script, misspelled by dropping a letter: the error must name the typo and the real flag.
+SCRIPT_FLAGS = {
+    "pretrain.py": "--learning_rate", "finetune_sft.py": "--path_to_pretrained_checkpoint",
+    "inference.py": "--gen_length", "evaluate.py": "--num_samples", "prepare_pretrain_data.py": "--context_length",
+    "prepare_sft_data.py": "--context_length", "tokenizer.py": "--vocab_size", "make_synthetic_data.py": "--num_heldout",
+}
+
+
+def test_misspelled_flag_is_one_line_naming_the_closest_flag_in_every_script(monkeypatch, capsys):
+    import runpy
+
+    from conftest import ROOT
+
+    for script, flag in SCRIPT_FLAGS.items():
+        typo = flag[:6] + flag[7:]  # --learning_rate -> --learnng_rate: not a prefix, so argparse cannot guess
+        monkeypatch.setattr(sys, "argv", [script, f"{typo}=3", "--output_dir", "unused"])
+        with pytest.raises(SystemExit) as exit_:
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2, (script, err)
+        assert err == f"{script}: error: unrecognized argument {typo}: did you mean {flag}?\n", script
+
+
+def test_stray_value_and_unknown_flag_without_a_neighbour(capsys):
+    from dataclasses import dataclass
+
+    from dlm.errors import ArgumentParser
+
+    @dataclass
+    class Args:
+        learning_rate: float = 1.0
+
+    parser = ArgumentParser(Args, prog="x")
+    assert parser.parse_args_into_dataclasses(["--learning_rate", "2"])[0].learning_rate == 2.0
+    for argv, expected in ((["--learning_rate", "2", "oops"], "unexpected value 'oops'"),
+                           (["--zzz"], "unrecognized argument --zzz: see --help")):
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args_into_dataclasses(argv)
+        assert exit_.value.code == 2 and expected in capsys.readouterr().err
+    # callers that ask for the leftovers still get them
+    assert parser.parse_args_into_dataclasses(["--zzz"], return_remaining_strings=True)[1] == ["--zzz"]

@@ -271,8 +271,12 @@ class _Sampler:
             if not any(is_mask):
                 raise UsageError(f"nothing to generate{where}: --gen_length is 0 and the prompt has no [MASK*n] span")
             if denoiser.max_positions and len(row_ids) > denoiser.max_positions:
-                raise UsageError(f"canvas of {len(row_ids)} tokens{where} exceeds the model's "
-                                 f"{denoiser.max_positions} positions: lower --seq_len/--gen_length")
+                if len(ids) >= denoiser.max_positions:  # no --seq_len/--gen_length could help: blame the prompt
+                    raise UsageError(f"the prompt{where} is {len(ids)} tokens and the model has "
+                                     f"{denoiser.max_positions} positions: no room left to generate, shorten the prompt")
+                raise UsageError(f"canvas of {len(row_ids)} tokens{where} ({len(ids)} prompt + {n_gen} generated) "
+                                 f"exceeds the model's {denoiser.max_positions} positions: lower --seq_len/--gen_length "
+                                 f"to at most {denoiser.max_positions - len(ids)} generated tokens")
             start = is_mask.index(True)
             fixed_after = [j for j in range(start, len(row_ids)) if not is_mask[j]]
             block, n_blocks, spb = cfg.layout(len(row_ids) - start, where)

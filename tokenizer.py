@@ -76,15 +76,13 @@ def _log_embedding_growth(args: Arguments, tokenizer) -> None:
         return
     from transformers import AutoConfig
 
-    from dlm.tokenization import embedding_size_for
     try:
         rows = AutoConfig.from_pretrained(args.hf_model_name, trust_remote_code=args.trust_remote_code).vocab_size
     except (OSError, ValueError, AttributeError):
         return  # a tokenizer-only folder: nothing to compare with
-    needed = embedding_size_for(tokenizer, rows)
-    if needed != rows:
-        logger.warning("the tokenizer has %d entries but the model has %d embedding rows: training will "
-                       "resize them to %d (a multiple of 64)", len(tokenizer), rows, needed)
+    if len(tokenizer) > rows:
+        logger.warning("the tokenizer has %d entries but the model has %d embedding rows: training will grow "
+                       "them to the next multiple of 64", len(tokenizer), rows)
     else:
         logger.info("the model's %d embedding rows hold all %d tokenizer entries: no resize needed",
                     rows, len(tokenizer))

@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from accelerate.utils import extract_model_from_parallel
+from safetensors import safe_open
+from safetensors.torch import load_model
 from transformers import (AutoConfig, AutoModelForMaskedLM, ModernBertConfig, ModernBertForMaskedLM,
                           PreTrainedModel, PreTrainedTokenizerFast)
 
 from dlm.errors import UsageError, atomic_output_dir
-from dlm.tokenization import embedding_size_for, load_tokenizer
+from dlm.tokenization import EMBEDDING_MULTIPLE, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -47,16 +51,13 @@ MODEL_CONFIGS: dict[str, dict] = {
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The underlying transformers model inside DDP/FSDP/DeepSpeed/PEFT/compile wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        else:
-            return model
+    """The underlying transformers model inside DDP/FSDP/DeepSpeed/compile wrappers and a PEFT wrapper.
+
+    What `accelerator.unwrap_model` does (accelerate's own function), then peft's `get_base_model`,
+    for callers (the sampler, the sparse head) that hold a model but no accelerator.
+    """
+    model = extract_model_from_parallel(model, keep_torch_compile=False)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def sparse_head_module(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -104,7 +105,8 @@ def build_from_scratch(size: str, tokenizer: PreTrainedTokenizerFast, max_positi
     """A freshly initialised ModernBERT of a named size, with the tokenizer's vocabulary."""
     if size not in MODEL_CONFIGS:
         raise UsageError(f"--model_config must be one of {', '.join(MODEL_CONFIGS)}, got {size!r}")
-    vocab = embedding_size_for(tokenizer, 0)  # len(tokenizer) rounded up to a multiple of 64
+    # The padding resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64) gives, without a model to resize.
+    vocab = math.ceil(len(tokenizer) / EMBEDDING_MULTIPLE) * EMBEDDING_MULTIPLE
     cfg = ModernBertConfig(
         vocab_size=vocab, max_position_embeddings=max_position_embeddings,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
@@ -115,12 +117,16 @@ def build_from_scratch(size: str, tokenizer: PreTrainedTokenizerFast, max_positi
 
 
 def resize_for_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
-    """Grow the embeddings (to a multiple of 64) only when the tokenizer has more tokens than rows."""
+    """Grow the embeddings (to a multiple of 64) only when the tokenizer has more tokens than rows.
+
+    The guard is what the library call lacks: resize_token_embeddings(n, pad_to_multiple_of=64) also
+    *shrinks* a model whose padded vocabulary is larger than the tokenizer (ModernBERT: 50368 rows).
+    """
     current = model.get_input_embeddings().weight.shape[0]
-    target = embedding_size_for(tokenizer, current)
-    if target != current:
-        logger.info("resizing embeddings %d -> %d for %d tokenizer entries", current, target, len(tokenizer))
-        model.resize_token_embeddings(target)
+    if len(tokenizer) > current:
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=EMBEDDING_MULTIPLE)
+        logger.info("resized embeddings %d -> %d for %d tokenizer entries", current,
+                    model.get_input_embeddings().weight.shape[0], len(tokenizer))
     return model
 
 
@@ -133,7 +139,8 @@ def load_masked_lm(name_or_path: str, tokenizer: PreTrainedTokenizerFast | None 
     except (OSError, ValueError) as err:
         raise UsageError(f"{flag} {name_or_path!r}: cannot load a model config ({str(err).splitlines()[0]})") from None
     try:
-        model = AutoModelForMaskedLM.from_pretrained(name_or_path, config=config, dtype=dtype,
+        # use_safetensors: never fall back to unpickling a pytorch_model.bin (DESIGN §3: no pickle is loaded)
+        model = AutoModelForMaskedLM.from_pretrained(name_or_path, config=config, dtype=dtype, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code)
     except ValueError as err:
         raise UsageError(f"{flag} {name_or_path!r} is not a masked language model "
@@ -145,43 +152,84 @@ def load_masked_lm(name_or_path: str, tokenizer: PreTrainedTokenizerFast | None 
     return model
 
 
+def safetensors_problem(path: str | Path) -> str | None:
+    """Why `path` is not a complete safetensors file (None if it is): its header must parse and cover the file.
+
+    Reads only the header, so checking a multi-GB checkpoint costs a stat and a few KB; a file cut
+    short by a full disk or a killed copy is caught before any loader sees it.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+        return f"{path.name} is not a safetensors file ({err})"
+    if 8 + n + end != size:
+        return f"{path.name} is truncated or damaged: {size} bytes, its header says {8 + n + end}"
+    return None
+
+
+def weights_problem(folder: str | Path) -> str | None:
+    """Why a model folder has no complete safetensors weights (None if it has them).
+
+    The weights are `model.safetensors`, or the sharded index and every shard it lists (transformers'
+    own names); a stray `junk.safetensors` next to a `pytorch_model.bin` does not count.
+    """
+    folder = Path(folder)
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        return safetensors_problem(single)
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            return f"{index.name} is not a safetensors index ({err})"
+        for shard in shards:
+            if not (folder / shard).is_file():
+                return f"{shard}, listed in {index.name}, is missing"
+            if problem := safetensors_problem(folder / shard):
+                return problem
+        return None
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
+    found = f" (found {', '.join(pickles[:3])}: pickle files are never loaded)" if pickles else ""
+    return f"no model.safetensors or model.safetensors.index.json: a partial or pickle-only checkpoint{found}"
+
+
 def load_weights_strict(model: PreTrainedModel, safetensors_path: str | Path,
                         flag: str = "--path_to_pretrained_checkpoint") -> None:
-    """Load a bare safetensors file into `model`; any missing, unexpected or mis-shaped key is an error."""
+    """Load a bare safetensors file into `model`; any missing, unexpected or mis-shaped key is an error.
+
+    safetensors' `load_model` does the loading and the tied-weight bookkeeping; what it lacks is a
+    one-line report (its error is a multi-line RuntimeError, and a shape mismatch is torch's own
+    size-mismatch traceback), so shapes are checked from the header first. On error the model may be
+    partly loaded: discard it.
+    """
     path = Path(safetensors_path)
     if not path.is_file():
         raise UsageError(f"{flag} {path}: no such file")
-    try:
-        state = load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types for truncated files
-        raise UsageError(f"{flag} {path}: not a readable safetensors file ({err})") from None
+    if problem := safetensors_problem(path):
+        raise UsageError(f"{flag} {path}: {problem}")
     own = model.state_dict()
-    tied = _tied_keys(model)
-    missing = sorted(k for k in own if k not in state and k not in tied)
-    unexpected = sorted(k for k in state if k not in own)
-    mismatched = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-                        for k in state if k in own and state[k].shape != own[k].shape)
+    with safe_open(str(path), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    mismatched = sorted(f"{k} {shapes[k]} vs {tuple(own[k].shape)}"
+                        for k in shapes if k in own and shapes[k] != tuple(own[k].shape))
+    missing, unexpected = [], sorted(k for k in shapes if k not in own)
+    if not mismatched:
+        missing, found_unexpected = load_model(model, str(path), strict=False)
+        # load_model calls a tied alias that the file also holds "unexpected"; it was loaded (shared storage).
+        unexpected = sorted(k for k in found_unexpected if k not in own)
     if missing or unexpected or mismatched:
         parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)):
+        for label, keys in (("missing", sorted(missing)), ("unexpected", unexpected), ("mis-shaped", mismatched)):
             if keys:
                 parts.append(f"{label} {len(keys)}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}")
         raise UsageError(f"{flag} {path} does not fit {type(model).__name__}: " + "; ".join(parts))
-    model.load_state_dict(state, strict=False)
-    model.tie_weights()
-
-
-def _tied_keys(model: PreTrainedModel) -> set[str]:
-    """State-dict keys that are tied to another parameter (absent from safetensors on purpose)."""
-    seen: dict[int, str] = {}
-    tied = set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        ptr = tensor.data_ptr()
-        if ptr in seen:
-            tied.add(name)
-        else:
-            seen[ptr] = name
-    return tied
 
 
 def load_checkpoint(path: str, hf_model_name: str | None = None, dtype: torch.dtype | None = None,
@@ -191,11 +239,13 @@ def load_checkpoint(path: str, hf_model_name: str | None = None, dtype: torch.dt
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise UsageError(f"{flag} {p}: not a checkpoint folder (no config.json)")
-        if not any(p.glob("*.safetensors")) and not any(p.glob("*.safetensors.index.json")):
-            raise UsageError(f"{flag} {p}: checkpoint has no model.safetensors (partial or pickle-only checkpoint)")
+        if problem := weights_problem(p):
+            raise UsageError(f"{flag} {p}: {problem}")
         tokenizer = load_tokenizer(str(p))
         return load_masked_lm(str(p), tokenizer, dtype=dtype, flag=flag), tokenizer
     if p.suffix == ".safetensors":
+        if not p.is_file():
+            raise UsageError(f"{flag} {p}: no such file")
         if not hf_model_name:
             raise UsageError(f"{flag} {p} is a bare weights file: pass --hf_model_name for its config and tokenizer")
         tokenizer = load_tokenizer(hf_model_name)

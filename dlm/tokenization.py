@@ -11,7 +11,7 @@ prompt is always an exact token prefix of the training rendering, for any tokeni
 
 Chat markers reuse the tokenizer's reserved entries (ModernBERT ships `[unused0]`...) so the
 embedding matrix keeps its size; only when there are too few are new tokens added, and then
-the embedding matrix must grow to `embedding_size_for(...)` (a multiple of 64).
+the model's embedding matrix grows to a multiple of 64 (`modeling.resize_for_tokenizer`).
 """
 
 from __future__ import annotations
@@ -168,14 +168,6 @@ def _rename_tokens(tokenizer: PreTrainedTokenizerFast, renames: dict[str, str]) 
     if hasattr(tokenizer, "model_input_names"):
         new.model_input_names = list(tokenizer.model_input_names)
     return new
-
-
-def embedding_size_for(tokenizer: PreTrainedTokenizerFast, current_size: int) -> int:
-    """Embedding rows a model needs for this tokenizer: unchanged if it fits, else padded to 64."""
-    n = len(tokenizer)
-    if n <= current_size:
-        return current_size
-    return -(-n // EMBEDDING_MULTIPLE) * EMBEDDING_MULTIPLE
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerFast) -> str:

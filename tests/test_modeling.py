@@ -10,7 +10,7 @@ from transformers import (AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertF
 
 from dlm.errors import UsageError
 from dlm.modeling import (build_from_scratch, load_checkpoint, load_masked_lm, load_weights_strict,
-                          resize_for_tokenizer, selected_logits, sparse_head_module)
+                          resize_for_tokenizer, selected_logits, sparse_head_module, unwrap)
 from dlm.tokenization import train_tokenizer
 
 
@@ -66,21 +66,95 @@ def test_strict_loading_names_mismatched_keys(tiny_model_dir, tmp_path):
     model = AutoModelForMaskedLM.from_pretrained(tiny_model_dir)
     state = {k: v.clone().contiguous() for k, v in model.state_dict().items() if "decoder" not in k}
     state["extra.weight"] = torch.zeros(2)
-    state["model.final_norm.weight"] = torch.zeros(7)
     path = tmp_path / "bad.safetensors"
     save_file(state, str(path))
     with pytest.raises(UsageError) as err:
         load_weights_strict(model, path)
     msg = str(err.value)
-    assert "unexpected 1: extra.weight" in msg and "model.final_norm.weight (7,) vs (32,)" in msg
-    assert "missing" in msg and "decoder.bias" in msg
+    assert "unexpected 1: extra.weight" in msg and "missing 1: decoder.bias" in msg and "\n" not in msg
+    state["model.final_norm.weight"] = torch.zeros(7)
+    save_file(state, str(path))
+    with pytest.raises(UsageError, match=r"mis-shaped 1: model.final_norm.weight \(7,\) vs \(32,\)"):
+        load_weights_strict(model, path)
+
+
+def test_strict_loading_accepts_tied_keys_absent_or_present(tiny_model_dir, tmp_path):
+    trained = AutoModelForMaskedLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for v in trained.parameters():
+            v.add_(1.0)
+    full = {k: v.clone().contiguous() for k, v in trained.state_dict().items()}  # both names of the tied matrix
+    save_file(full, str(tmp_path / "full.safetensors"))
+    trained.save_pretrained(tmp_path / "hf")  # transformers drops the tied alias
+    for path in (tmp_path / "full.safetensors", tmp_path / "hf" / "model.safetensors"):
+        model = AutoModelForMaskedLM.from_pretrained(tiny_model_dir)
+        load_weights_strict(model, path)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, full[k]), (path.name, k)
+        assert model.decoder.weight.data_ptr() == model.model.embeddings.tok_embeddings.weight.data_ptr()
+
+
+def test_truncated_safetensors_is_one_line_naming_the_file(tiny_model_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    for path in (folder, weights):
+        with pytest.raises(UsageError, match=r"model.safetensors is truncated or damaged: \d+ bytes, its header says"):
+            load_checkpoint(str(path), hf_model_name=str(tiny_model_dir))
+    weights.write_bytes(b"")
+    with pytest.raises(UsageError, match="model.safetensors is not a safetensors file"):
+        load_checkpoint(str(folder))
+
+
+class _Marker:
+    """A pickle whose loading would run code: it creates a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_only_folder_is_refused_even_with_a_stray_safetensors(tiny_model_dir, tmp_path):
+    import shutil
+
+    model = AutoModelForMaskedLM.from_pretrained(tiny_model_dir)
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "model.safetensors").unlink()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")  # a loadable .bin: the old check unpickled it
+    save_file({"x": torch.zeros(1)}, str(folder / "junk.safetensors"))
+    with pytest.raises(UsageError, match=r"no model.safetensors .*pickle-only checkpoint \(found pytorch_model.bin"):
+        load_checkpoint(str(folder))
+    marker = tmp_path / "pwned"
+    torch.save({"w": _Marker(marker)}, folder / "pytorch_model.bin")
+    for load in (lambda: load_checkpoint(str(folder)), lambda: load_masked_lm(str(folder))):
+        with pytest.raises(UsageError):  # transformers itself is told use_safetensors=True
+            load()
+    assert not marker.exists()
+    # a sharded index whose shard is missing
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": {"a": "model-00001-of-00002.safetensors"}}')
+    with pytest.raises(UsageError, match="model-00001-of-00002.safetensors, listed in model.safetensors.index.json, "
+                                         "is missing"):
+        load_checkpoint(str(folder))
+
+
+def test_unwrap_reaches_the_model_through_compile_and_data_parallel(tiny_model_dir):
+    model = AutoModelForMaskedLM.from_pretrained(tiny_model_dir)
+    assert unwrap(torch.compile(model)) is model
+    assert unwrap(torch.nn.DataParallel(model)) is model  # same unwrapping as accelerate's for DDP/FSDP
+    assert sparse_head_module(torch.nn.DataParallel(model)) is model.head
 
 
 def test_partial_checkpoint_and_non_mlm_are_refused(tiny_model_dir, tmp_path):
     partial = tmp_path / "partial"
     partial.mkdir()
     (partial / "config.json").write_text((tiny_model_dir / "config.json").read_text())
-    with pytest.raises(UsageError, match="no model.safetensors"):
+    with pytest.raises(UsageError, match="no model.safetensors or model.safetensors.index.json: a partial"):
         load_checkpoint(str(partial))
     gpt = tmp_path / "gpt2"
     GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=100).save_pretrained(gpt)

@@ -12,6 +12,8 @@ import difflib
 import errno
 import logging
 import os
+import re
+import resource
 import shutil
 import sys
 import tempfile
@@ -100,11 +102,17 @@ def atomic_output_dir(path: str | os.PathLike, flag: str = "--output", overwrite
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, final)
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Put the complete folder `new` at `final`; an old `final` is deleted only once the new one is in place."""
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
-    tmp.rename(final)
+    new.rename(final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -115,3 +123,67 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+# errno values of a write that ran out of room: a full disk, a file-size limit (RLIMIT_FSIZE), a quota.
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+# What torch.save (C++ stream writer) and safetensors (Rust) say instead of raising an OSError.
+_WRITER_FAILURES = ("PytorchStreamWriter", "inline_container", "iostream error", "file write failed", "I/O error")
+
+
+def folder_size(path: str | os.PathLike) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def write_failure_message(err: BaseException, written: str | os.PathLike, target: str | os.PathLike,
+                          needed_bytes: int | None = None) -> str | None:
+    """One line for an error raised while writing the folder `written` (that becomes `target`), or None.
+
+    None means the error is not a failed write (it should propagate as it is). Otherwise the line
+    names the target, the file being written, the reason (full disk, file-size limit), the free
+    space and, when known, about how much a complete write needs.
+    """
+    reason, at = None, None
+    chain, seen = [err], set()
+    while chain:
+        e = chain.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        text = str(e)
+        if isinstance(e, OSError) and e.errno in _NO_ROOM:
+            reason, at = os.strerror(e.errno), e.filename and Path(e.filename).name
+        elif (m := re.search(r"os error (\d+)", text)) and int(m.group(1)) in _NO_ROOM:
+            reason = os.strerror(int(m.group(1)))
+            if type(e).__name__ == "SafetensorError":  # safetensors removes the file it failed to write
+                at = "the .safetensors weights"
+        elif reason is None and isinstance(e, (OSError, RuntimeError)) and any(w in text for w in _WRITER_FAILURES):
+            reason = "the file could not be written (disk full or a file-size limit?)"
+        chain += [e.__cause__, e.__context__]
+    if reason is None:
+        return None
+    written, target = Path(written), Path(target)
+    where = target.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if reason.endswith("?)"):  # torch's writer does not say why: tell a file-size limit from a full disk
+        size_limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if size_limit != resource.RLIM_INFINITY:
+            reason = f"{os.strerror(errno.EFBIG)} (the file-size limit, ulimit -f, is {_human(size_limit)})"
+        elif free < 64 * 2**20:
+            reason = os.strerror(errno.ENOSPC)
+    if at is None and written.is_dir():  # torch.save leaves its partial file: the newest one
+        files = sorted((p for p in written.rglob("*") if p.is_file()), key=lambda p: p.stat().st_mtime_ns)
+        at = str(files[-1].relative_to(written)) if files else None
+    at = f" at {at}" if at else ""
+    need = f", a complete one takes about {_human(needed_bytes)}" if needed_bytes else ""
+    return f"writing {target} failed{at}: {reason}; {_human(free)} free on that disk{need}; nothing complete was touched"

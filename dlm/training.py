@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,17 +25,17 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
+from dlm.checkpoints import AtomicCheckpoints, resolve_resume
 from dlm.data.collators import PretrainCollator, SFTCollator
 from dlm.data.storage import PRETRAIN_FORMAT, SFT_FORMAT, load_prepared
 from dlm.diffusion import EPS, antithetic_times, diffusion_loss, elbo_loss
-from dlm.errors import UsageError
+from dlm.errors import UsageError, replace_dir, write_failure_message
 from dlm.modeling import MODEL_CONFIGS, build_from_scratch, load_checkpoint, load_masked_lm
 from dlm.tokenization import load_tokenizer, special_ids
 
 logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("pretrain", "sft")
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +154,7 @@ def _noise_seed(*parts: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-class DiffusionTrainer(Trainer):
+class DiffusionTrainer(AtomicCheckpoints, Trainer):
     """Trainer with the masked-diffusion loss (DESIGN §4) and a fixed-seed ELBO as eval loss."""
 
     def __init__(self, *args, mask_id: int, objective: str = "pretrain", sparse_head: bool = True,
@@ -289,39 +288,6 @@ def apply_lora(model: PreTrainedModel, model_args: ModelArguments) -> torch.nn.M
     return model
 
 
-def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
-    """Newest checkpoint-N folder whose trainer_state.json exists (the Trainer writes it last).
-
-    A run killed while writing a checkpoint leaves a folder without it; that one is skipped.
-    """
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return None
-    found = sorted(((int(m.group(1)), p) for p in folder.iterdir()
-                    if (m := _CHECKPOINT_RE.match(p.name)) and p.is_dir()), reverse=True)
-    for _, path in found:
-        if (path / "trainer_state.json").is_file():
-            return path
-        logger.warning("skipping incomplete checkpoint %s", path)
-    return None
-
-
-def resolve_resume(resume: str | None, output_dir: str) -> str | None:
-    """`--resume_from_checkpoint auto|PATH` -> a checkpoint folder (or None to start fresh)."""
-    if not resume:
-        return None
-    if resume == "auto":
-        found = last_complete_checkpoint(output_dir)
-        if found is None:
-            logger.info("--resume_from_checkpoint auto: no checkpoint in %s, starting from scratch", output_dir)
-            return None
-        logger.info("resuming from %s", found)
-        return str(found)
-    if not (Path(resume) / "trainer_state.json").is_file():
-        raise UsageError(f"--resume_from_checkpoint {resume}: not a complete checkpoint folder (no trainer_state.json)")
-    return resume
-
-
 def check_reporters(report_to: list[str] | str | None) -> None:
     """Refuse `--report_to` integrations whose package is missing (the Trainer would fail with a traceback)."""
     from transformers import integrations
@@ -347,23 +313,27 @@ def save_final_model(trainer: DiffusionTrainer, tokenizer: PreTrainedTokenizerFa
     if trainer.is_world_process_zero():
         shutil.rmtree(tmp, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
-    if hasattr(model, "merge_and_unload"):  # LoRA: merge the adapters into a plain masked LM
+    try:
+        if hasattr(model, "merge_and_unload"):  # LoRA: merge the adapters into a plain masked LM
+            if trainer.is_world_process_zero():
+                merged = model.merge_and_unload()
+                merged.save_pretrained(tmp, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+        else:
+            trainer.save_model(str(tmp))
+        trainer.accelerator.wait_for_everyone()
         if trainer.is_world_process_zero():
-            merged = model.merge_and_unload()
-            merged.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-    else:
-        trainer.save_model(str(tmp))
-    trainer.accelerator.wait_for_everyone()
+            (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle: not part of a model folder
+            (tmp / "dlm.json").write_text(json.dumps(extra, indent=2))
+    except Exception as err:
+        message = write_failure_message(err, tmp, folder, needed_bytes=sum(
+            p.numel() * p.element_size() for p in model.parameters()))
+        shutil.rmtree(tmp, ignore_errors=True)
+        if message:
+            raise UsageError(message) from None
+        raise
     if trainer.is_world_process_zero():
-        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle: not part of a model folder
-        (tmp / "dlm.json").write_text(json.dumps(extra, indent=2))
-        old = folder.with_name(f".{folder.name}.old")
-        if folder.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, folder)
     trainer.accelerator.wait_for_everyone()
 
 

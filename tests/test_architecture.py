@@ -22,6 +22,7 @@ LAYERS = {
     "dlm.modeling": 3,
     "dlm.diffusion": 4,
     "dlm.training": 5,
+    "dlm.checkpoints": 5,
     "dlm.prompts": 3,
     "dlm.policies": 3,
     "dlm.sampling": 5,

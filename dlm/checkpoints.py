@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from transformers import TrainerState
 from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints, sort_checkpoints
 
@@ -62,6 +63,10 @@ def checkpoint_problem(folder: str | Path) -> str | None:
             json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as err:
             return f"{path.name} is not valid JSON ({'empty file' if not path.stat().st_size else err})"
+    try:  # parsed as the Trainer will parse it on resume
+        TrainerState.load_from_json(str(folder / "trainer_state.json"))
+    except (TypeError, ValueError, AttributeError) as err:
+        return f"trainer_state.json is not a Trainer state ({str(err).splitlines()[0][:120]})"
     # Sharded formats (FSDP state-dict folders, DeepSpeed global_step*) are checked by their own loaders.
     sharded = any(folder.glob("pytorch_model_fsdp_*")) or any(folder.glob("global_step*"))
     if (folder / "adapter_model.safetensors").is_file():

@@ -41,12 +41,12 @@ class ArgumentParser(HfArgumentParser):
         sys.exit(2)
 
     def parse_args_into_dataclasses(self, args=None, return_remaining_strings: bool = False, **kwargs):
-        *parsed, remaining = super().parse_args_into_dataclasses(args, return_remaining_strings=True, **kwargs)
-        if return_remaining_strings:
-            return (*parsed, remaining)
-        if remaining:
-            self.error(self.unknown_argument_message(remaining))
-        return tuple(parsed)
+        if not return_remaining_strings:
+            # Before the dataclasses are built: a typo in a required flag is reported as the typo.
+            _, remaining = self.parse_known_args(args)
+            if remaining:
+                self.error(self.unknown_argument_message(remaining))
+        return super().parse_args_into_dataclasses(args, return_remaining_strings=return_remaining_strings, **kwargs)
 
     def unknown_argument_message(self, remaining: list[str]) -> str:
         """'unrecognized argument --learnig_rate: did you mean --learning_rate?' for the first leftover string."""

@@ -72,6 +72,8 @@ DAMAGES = {
     "truncated model.safetensors": (lambda c: truncate(c / "model.safetensors", 0.9),
                                     "model.safetensors is truncated or damaged"),
     "truncated optimizer.pt": (lambda c: truncate(c / "optimizer.pt"), "optimizer.pt is truncated or not a torch archive"),
+    "trainer_state.json a list": (lambda c: c.joinpath("trainer_state.json").write_text("[]"),
+                                  "trainer_state.json is not a Trainer state"),
     "no trainer_state.json": (lambda c: c.joinpath("trainer_state.json").unlink(), "no trainer_state.json"),
     "optimizer.pt deleted": (lambda c: c.joinpath("optimizer.pt").unlink(), "scheduler.pt without optimizer.pt"),
 }

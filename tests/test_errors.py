@@ -69,13 +69,20 @@ def test_stray_value_and_unknown_flag_without_a_neighbour(capsys):
     @dataclass
     class Args:
         learning_rate: float = 1.0
+        experiment_name: str | None = None
+
+        def __post_init__(self):
+            if not self.experiment_name:
+                raise UsageError("--experiment_name is required")
 
     parser = ArgumentParser(Args, prog="x")
-    assert parser.parse_args_into_dataclasses(["--learning_rate", "2"])[0].learning_rate == 2.0
-    for argv, expected in ((["--learning_rate", "2", "oops"], "unexpected value 'oops'"),
-                           (["--zzz"], "unrecognized argument --zzz: see --help")):
+    assert parser.parse_args_into_dataclasses(["--learning_rate", "2", "--experiment_name", "e"])[0].learning_rate == 2
+    for argv, expected in ((["--experiment_name", "e", "oops"], "unexpected value 'oops'"),
+                           (["--experiment_name", "e", "--zzz"], "unrecognized argument --zzz: see --help"),
+                           # the typo of a required flag is reported as a typo, not as the flag missing
+                           (["--experiment_nme", "e"], "--experiment_nme: did you mean --experiment_name?")):
         with pytest.raises(SystemExit) as exit_:
             parser.parse_args_into_dataclasses(argv)
         assert exit_.value.code == 2 and expected in capsys.readouterr().err
     # callers that ask for the leftovers still get them
-    assert parser.parse_args_into_dataclasses(["--zzz"], return_remaining_strings=True)[1] == ["--zzz"]
+    assert parser.parse_args_into_dataclasses(["--experiment_name", "e", "--zzz"], return_remaining_strings=True)[1] == ["--zzz"]

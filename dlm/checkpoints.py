@@ -24,7 +24,7 @@ from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints, sort_checkpoints
 
 from dlm.errors import UsageError, folder_size, replace_dir, write_failure_message
-from dlm.modeling import safetensors_problem, weights_problem
+from dlm.modeling import describe_key_problems, header_mismatches, safetensors_problem, weights_problem
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,26 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
     if problem := checkpoint_problem(resume):
         raise UsageError(f"--resume_from_checkpoint {resume}: not a complete checkpoint: {problem}")
     return resume
+
+
+def check_resume_fits(model: torch.nn.Module, checkpoint: str | Path) -> None:
+    """Refuse, in one line, a checkpoint whose weights do not fit the model (another size or architecture).
+
+    The Trainer would end in torch's size-mismatch traceback, or only warn about missing keys and
+    resume silently from a partial load. Adapter (LoRA) and sharded checkpoints are left to their loaders.
+    """
+    folder = Path(checkpoint)
+    index = folder / "model.safetensors.index.json"
+    if (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    elif index.is_file():
+        files = [folder / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    else:
+        return
+    mismatched, unexpected = header_mismatches(model, files)
+    if mismatched or unexpected:
+        raise UsageError(f"--resume_from_checkpoint {folder} was written by another model, it does not fit "
+                         f"{type(model).__name__}: {describe_key_problems([], unexpected, mismatched)}")
 
 
 class AtomicCheckpoints:

@@ -197,7 +197,28 @@ def weights_problem(folder: str | Path) -> str | None:
         return None
     pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
     found = f" (found {', '.join(pickles[:3])}: pickle files are never loaded)" if pickles else ""
-    return f"no model.safetensors or model.safetensors.index.json: a partial or pickle-only checkpoint{found}"
+    return f"checkpoint has no model.safetensors (nor model.safetensors.index.json): partial or pickle-only{found}"
+
+
+def header_mismatches(model: torch.nn.Module, files: list[Path]) -> tuple[list[str], list[str]]:
+    """(mis-shaped, unexpected) keys of safetensors `files` against `model`, read from their headers only."""
+    own = unwrap(model).state_dict()
+    shapes = {}
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    mismatched = sorted(f"{k} {shapes[k]} vs {tuple(own[k].shape)}"
+                        for k in shapes if k in own and shapes[k] != tuple(own[k].shape))
+    return mismatched, sorted(k for k in shapes if k not in own)
+
+
+def describe_key_problems(missing: list[str], unexpected: list[str], mismatched: list[str]) -> str:
+    """'missing 2: a, b; mis-shaped 1: c (7,) vs (32,)': a few names of each kind, in one line."""
+    parts = []
+    for label, keys in (("missing", sorted(missing)), ("unexpected", unexpected), ("mis-shaped", mismatched)):
+        if keys:
+            parts.append(f"{label} {len(keys)}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}")
+    return "; ".join(parts)
 
 
 def load_weights_strict(model: PreTrainedModel, safetensors_path: str | Path,
@@ -214,22 +235,15 @@ def load_weights_strict(model: PreTrainedModel, safetensors_path: str | Path,
         raise UsageError(f"{flag} {path}: no such file")
     if problem := safetensors_problem(path):
         raise UsageError(f"{flag} {path}: {problem}")
-    own = model.state_dict()
-    with safe_open(str(path), "pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    mismatched = sorted(f"{k} {shapes[k]} vs {tuple(own[k].shape)}"
-                        for k in shapes if k in own and shapes[k] != tuple(own[k].shape))
-    missing, unexpected = [], sorted(k for k in shapes if k not in own)
+    mismatched, unexpected = header_mismatches(model, [path])
+    missing = []
     if not mismatched:
         missing, found_unexpected = load_model(model, str(path), strict=False)
         # load_model calls a tied alias that the file also holds "unexpected"; it was loaded (shared storage).
-        unexpected = sorted(k for k in found_unexpected if k not in own)
+        unexpected = sorted(k for k in found_unexpected if k not in model.state_dict())
     if missing or unexpected or mismatched:
-        parts = []
-        for label, keys in (("missing", sorted(missing)), ("unexpected", unexpected), ("mis-shaped", mismatched)):
-            if keys:
-                parts.append(f"{label} {len(keys)}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}")
-        raise UsageError(f"{flag} {path} does not fit {type(model).__name__}: " + "; ".join(parts))
+        raise UsageError(f"{flag} {path} does not fit {type(model).__name__}: "
+                         + describe_key_problems(missing, unexpected, mismatched))
 
 
 def load_checkpoint(path: str, hf_model_name: str | None = None, dtype: torch.dtype | None = None,

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
-from dlm.checkpoints import AtomicCheckpoints, resolve_resume
+from dlm.checkpoints import AtomicCheckpoints, check_resume_fits, resolve_resume
 from dlm.data.collators import PretrainCollator, SFTCollator
 from dlm.data.storage import PRETRAIN_FORMAT, SFT_FORMAT, load_prepared
 from dlm.diffusion import EPS, antithetic_times, diffusion_loss, elbo_loss
@@ -382,6 +382,8 @@ def run_training(objective: str, model_args: ModelArguments, data_args: DataArgu
         tokenizer = load_tokenizer(model_args.hf_model_name, trust_remote_code=model_args.trust_remote_code)
         datasets, meta = load_prepared(data_args.path_to_prepped_data, fmt, tokenizer)
         model, tokenizer = load_model_for_training(model_args, context_length=meta.get("context_length"))
+    if resume:
+        check_resume_fits(model, resume)
     ids = special_ids(tokenizer)
     train_set = datasets["train"]
     eval_set = datasets["test"] if "test" in datasets and len(datasets["test"]) else None

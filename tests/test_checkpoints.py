@@ -171,3 +171,19 @@ def test_final_model_write_failure_keeps_the_old_final_model(run, tmp_path, toke
     assert str(err.value).startswith(f"writing {folder} failed at the .safetensors weights: File too large; ")
     assert digest(folder) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final_model"]
+
+
+def test_resuming_another_models_checkpoint_is_one_line(run, tokenizer):
+    """The Trainer would end in torch's size-mismatch traceback (or, for missing keys, only warn)."""
+    from transformers import AutoModelForMaskedLM
+
+    from dlm.checkpoints import check_resume_fits
+    from dlm.modeling import build_from_scratch
+
+    model_dir, _, out = run
+    check_resume_fits(AutoModelForMaskedLM.from_pretrained(model_dir), out / "checkpoint-4")  # same shapes: fine
+    with pytest.raises(UsageError) as err:
+        check_resume_fits(build_from_scratch("tiny", tokenizer), out / "checkpoint-4")  # hidden 128, not 32
+    msg = str(err.value)
+    assert msg.startswith(f"--resume_from_checkpoint {out / 'checkpoint-4'} was written by another model, it does not "
+                          f"fit ModernBertForMaskedLM: mis-shaped ") and "(32,) vs (128,)" in msg and "\n" not in msg

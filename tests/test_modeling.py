@@ -128,7 +128,7 @@ def test_pickle_only_folder_is_refused_even_with_a_stray_safetensors(tiny_model_
     (folder / "model.safetensors").unlink()
     torch.save(model.state_dict(), folder / "pytorch_model.bin")  # a loadable .bin: the old check unpickled it
     save_file({"x": torch.zeros(1)}, str(folder / "junk.safetensors"))
-    with pytest.raises(UsageError, match=r"no model.safetensors .*pickle-only checkpoint \(found pytorch_model.bin"):
+    with pytest.raises(UsageError, match=r"has no model.safetensors .*pickle-only \(found pytorch_model.bin"):
         load_checkpoint(str(folder))
     marker = tmp_path / "pwned"
     torch.save({"w": _Marker(marker)}, folder / "pytorch_model.bin")
@@ -154,7 +154,7 @@ def test_partial_checkpoint_and_non_mlm_are_refused(tiny_model_dir, tmp_path):
     partial = tmp_path / "partial"
     partial.mkdir()
     (partial / "config.json").write_text((tiny_model_dir / "config.json").read_text())
-    with pytest.raises(UsageError, match="no model.safetensors or model.safetensors.index.json: a partial"):
+    with pytest.raises(UsageError, match=r"checkpoint has no model.safetensors \(nor model.safetensors.index.json\): partial"):
         load_checkpoint(str(partial))
     gpt = tmp_path / "gpt2"
     GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=100).save_pretrained(gpt)

@@ -55,7 +55,7 @@ def checkpoint_problem(folder: str | Path) -> str | None:
     """Why `folder` is not a complete Trainer checkpoint (None if it is): every file the Trainer wrote must parse."""
     folder = Path(folder)
     if not folder.is_dir():
-        return "no such folder"
+        return "not a folder" if folder.exists() else "no such folder"
     if not (folder / "trainer_state.json").is_file():
         return "no trainer_state.json (the Trainer writes it last: the checkpoint was cut short)"
     for path in sorted(folder.glob("*.json")):

@@ -125,6 +125,7 @@ def test_resume_falls_back_then_a_full_disk_is_one_line_and_touches_nothing_comp
     shutil.copytree(out, copy)
     truncate(copy / "checkpoint-4" / "optimizer.pt")
     before = {name: digest(copy / name) for name in ("checkpoint-2", "checkpoint-4", "final_model")}
+    shutil.copytree(out / "checkpoint-4", copy / STAGING / "checkpoint-6")  # what a killed run leaves: never resumed
     model_bytes = (copy / "checkpoint-2" / "model.safetensors").stat().st_size
     opt_bytes = (out / "checkpoint-2" / "optimizer.pt").stat().st_size
     assert model_bytes < opt_bytes

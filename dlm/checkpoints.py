@@ -164,7 +164,8 @@ class AtomicCheckpoints:
             super()._save_checkpoint(model, trial)
         except Exception as err:
             done = [Path(p) for p in sort_checkpoints(str(run_dir)) if CHECKPOINT_RE.match(Path(p).name)]
-            message = write_failure_message(err, staging / name, final, needed_bytes=folder_size(done[-1]) if done else None)
+            message = write_failure_message(err, staging / name, final, needed_label="the last checkpoint took",
+                                            needed_bytes=folder_size(done[-1]) if done else None)
             shutil.rmtree(staging, ignore_errors=True)
             if message:
                 raise UsageError(message) from None

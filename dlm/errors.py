@@ -144,7 +144,7 @@ def _human(n: float) -> str:
 
 
 def write_failure_message(err: BaseException, written: str | os.PathLike, target: str | os.PathLike,
-                          needed_bytes: int | None = None) -> str | None:
+                          needed_bytes: int | None = None, needed_label: str = "a complete one takes about") -> str | None:
     """One line for an error raised while writing the folder `written` (that becomes `target`), or None.
 
     None means the error is not a failed write (it should propagate as it is). Otherwise the line
@@ -174,7 +174,8 @@ def write_failure_message(err: BaseException, written: str | os.PathLike, target
     where = target.parent
     while not where.exists() and where != where.parent:
         where = where.parent
-    free = shutil.disk_usage(where).free
+    # The caller removes the partial folder: report the room there will be once it is gone.
+    free = shutil.disk_usage(where).free + (folder_size(written) if written.is_dir() else 0)
     if reason.endswith("?)"):  # torch's writer does not say why: tell a file-size limit from a full disk
         size_limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
         if size_limit != resource.RLIM_INFINITY:
@@ -185,5 +186,5 @@ def write_failure_message(err: BaseException, written: str | os.PathLike, target
         files = sorted((p for p in written.rglob("*") if p.is_file()), key=lambda p: p.stat().st_mtime_ns)
         at = str(files[-1].relative_to(written)) if files else None
     at = f" at {at}" if at else ""
-    need = f", a complete one takes about {_human(needed_bytes)}" if needed_bytes else ""
+    need = f", {needed_label} {_human(needed_bytes)}" if needed_bytes else ""
     return f"writing {target} failed{at}: {reason}; {_human(free)} free on that disk{need}; nothing complete was touched"

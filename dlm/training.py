@@ -327,7 +327,7 @@ def save_final_model(trainer: DiffusionTrainer, tokenizer: PreTrainedTokenizerFa
             (tmp / "dlm.json").write_text(json.dumps(extra, indent=2))
     except Exception as err:
         message = write_failure_message(err, tmp, folder, needed_bytes=sum(
-            p.numel() * p.element_size() for p in model.parameters()))
+            p.numel() * p.element_size() for p in model.parameters()), needed_label="the weights alone take")
         shutil.rmtree(tmp, ignore_errors=True)
         if message:
             raise UsageError(message) from None

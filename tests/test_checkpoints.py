@@ -143,7 +143,7 @@ def test_resume_falls_back_then_a_full_disk_is_one_line_and_touches_nothing_comp
     msg = str(err.value)
     assert msg.startswith(f"writing {copy / 'checkpoint-4'} failed at optimizer.pt: File too large (the file-size "
                           f"limit, ulimit -f, is ") and "\n" not in msg
-    assert "free on that disk, a complete one takes about" in msg and msg.endswith("nothing complete was touched")
+    assert "free on that disk, the last checkpoint took" in msg and msg.endswith("nothing complete was touched")
     assert {name: digest(copy / name) for name in before} == before
     assert sorted(p.name for p in copy.iterdir() if p.name.startswith(".")) == []
 
@@ -170,6 +170,7 @@ def test_final_model_write_failure_keeps_the_old_final_model(run, tmp_path, toke
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert str(err.value).startswith(f"writing {folder} failed at the .safetensors weights: File too large; ")
+    assert "free on that disk, the weights alone take " in str(err.value)
     assert digest(folder) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final_model"]
 

@@ -40,7 +40,7 @@ def torch_file_problem(path: Path) -> str | None:
     """
     try:
         with safe_globals():
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
         # torch's message advises re-running with weights_only=False: never the advice to give here.
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
@@ -48,6 +48,12 @@ def torch_file_problem(path: Path) -> str | None:
         return f"{path.name} is not a plain tensor file{what}: refused to unpickle it"
     except (RuntimeError, OSError, EOFError, ValueError) as err:
         return f"{path.name} is truncated or not a torch archive ({str(err).splitlines()[0][:120]})"
+    # A plain tensor file of the wrong kind would fail inside load_state_dict with a KeyError traceback.
+    needs = {"optimizer.pt": ("optimizer state", ("state", "param_groups")),
+             "rng_state": ("RNG states", ("python", "numpy", "cpu"))}
+    for prefix, (what, keys) in needs.items():
+        if path.name.startswith(prefix) and not (isinstance(state, dict) and all(k in state for k in keys)):
+            return f"{path.name} holds no {what} ({', '.join(keys)} expected)"
     return None
 
 

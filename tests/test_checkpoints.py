@@ -74,6 +74,8 @@ DAMAGES = {
     "truncated optimizer.pt": (lambda c: truncate(c / "optimizer.pt"), "optimizer.pt is truncated or not a torch archive"),
     "trainer_state.json a list": (lambda c: c.joinpath("trainer_state.json").write_text("[]"),
                                   "trainer_state.json is not a Trainer state"),
+    "optimizer.pt of another kind": (lambda c: torch.save({"a": torch.zeros(1)}, c / "optimizer.pt"),
+                                     "optimizer.pt holds no optimizer state (state, param_groups expected)"),
     "no trainer_state.json": (lambda c: c.joinpath("trainer_state.json").unlink(), "no trainer_state.json"),
     "optimizer.pt deleted": (lambda c: c.joinpath("optimizer.pt").unlink(), "scheduler.pt without optimizer.pt"),
 }

@@ -70,7 +70,7 @@ DAMAGES = {
                                  "trainer_state.json is not valid JSON (empty file)"),
     "truncated trainer_state.json": (lambda c: truncate(c / "trainer_state.json"), "trainer_state.json is not valid JSON"),
     "truncated model.safetensors": (lambda c: truncate(c / "model.safetensors", 0.9),
-                                    "model.safetensors is truncated or damaged"),
+                                    "model.safetensors is truncated or not a safetensors file"),
     "truncated optimizer.pt": (lambda c: truncate(c / "optimizer.pt"), "optimizer.pt is truncated or not a torch archive"),
     "trainer_state.json a list": (lambda c: c.joinpath("trainer_state.json").write_text("[]"),
                                   "trainer_state.json is not a Trainer state"),

@@ -99,8 +99,11 @@ def atomic_output_dir(path: str | os.PathLike, flag: str = "--output", overwrite
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
-    except BaseException:
+    except BaseException as err:
+        message = write_failure_message(err, tmp, final) if isinstance(err, Exception) else None
         shutil.rmtree(tmp, ignore_errors=True)
+        if message:  # a full disk or a file-size limit: one line naming the output
+            raise UsageError(message) from None
         raise
     replace_dir(tmp, final)
 

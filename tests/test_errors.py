@@ -86,3 +86,22 @@ def test_stray_value_and_unknown_flag_without_a_neighbour(capsys):
         assert exit_.value.code == 2 and expected in capsys.readouterr().err
     # callers that ask for the leftovers still get them
     assert parser.parse_args_into_dataclasses(["--experiment_name", "e", "--zzz"], return_remaining_strings=True)[1] == ["--zzz"]
+
+
+def test_atomic_output_dir_reports_a_full_disk_in_one_line_and_keeps_the_old_output(tmp_path):
+    import resource
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("precious")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, hard))
+    try:
+        with pytest.raises(UsageError) as err:
+            with atomic_output_dir(out, "--out", overwrite=True) as tmp:
+                (tmp / "big.bin").write_bytes(b"x" * 5000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert str(err.value).startswith(f"writing {out} failed at big.bin: File too large; ")
+    assert str(err.value).endswith("free on that disk; nothing complete was touched")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "old.txt").read_text() == "precious"

@@ -135,15 +135,18 @@ _WRITER_FAILURES = ("PytorchStreamWriter", "inline_container", "iostream error",
 
 
 def folder_size(path: str | os.PathLike) -> int:
+    """Bytes of all files below `path`."""
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
 def _human(n: float) -> str:
+    """1536 -> '1.5 KB'."""
+    unit = "B"
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            break
         n /= 1024
-    return f"{n} B"
+    return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
 
 
 def write_failure_message(err: BaseException, written: str | os.PathLike, target: str | os.PathLike,

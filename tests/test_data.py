@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from conftest import SHARED_DATA
 
-from dlm.data.chat import (SFTDataArguments, alpaca_to_messages, answer_mask_from_offsets, detect_format, prepare_sft,
-                           record_to_messages, records_to_messages)
+from dlm.data.chat import (SFTDataArguments, alpaca_to_messages, detect_format, prepare_sft, record_to_messages,
+                           records_to_messages)
 from dlm.data.collators import SFTCollator
 from dlm.data.packing import PretrainDataArguments, pack_rows, prepare_pretrain
 from dlm.data.sources import iter_text_file
@@ -246,13 +246,6 @@ def test_format_detection_and_missing_columns():
         detect_format(["instruction", "input"], where="x.json")
     with pytest.raises(UsageError, match=r"cannot detect the format .*columns found: prompt, text"):
         detect_format(["text", "prompt"])
-
-
-def test_answer_mask_from_offsets_is_span_membership():
-    offsets = np.array([[0, 3], [3, 5], [5, 9], [9, 10], [10, 14]])
-    assert answer_mask_from_offsets(offsets, [(5, 10)]).tolist() == [0, 0, 1, 1, 0]
-    assert answer_mask_from_offsets(offsets, [(0, 3), (10, 20)]).tolist() == [1, 0, 0, 0, 1]
-    assert answer_mask_from_offsets(offsets, []).tolist() == [0] * 5
 
 
 def test_sft_overlong_drop_and_truncate_and_seeded_split(tmp_path, tokenizer, tokenizer_dir):

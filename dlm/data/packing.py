@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dlm.data.sources import (DEFAULT_PRETRAIN_DATASET, MIN_CONTEXT_LENGTH, check_common_args, check_context_fits_model,
-                              file_signature, pretrain_sources, skipped_note, source_flag)
+from dlm.data.sources import (check_common_args, check_context_fits_model, file_signature, pretrain_sources,
+                              skipped_note, source_flag)
 from dlm.data.split import test_assignment
-from dlm.data.storage import (PRETRAIN_FORMAT, discard_work, disk_full_errors, load_manifest, output_lock, save_prepared,
-                              shard_name, split_dataset, write_rows)
+from dlm.data.storage import (PRETRAIN_FORMAT, discard_work, disk_full_errors, load_manifest, output_lock,
+                              save_prepared, shard_name, split_dataset, write_rows)
 from dlm.errors import UsageError, atomic_write_text, check_output_dir
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def _init_worker(tokenizer) -> None:
 
 # Documents longer than this are tokenized in pieces: the tokenizer's output for one 50 MB line would
 # otherwise peak at about 8 GB (offsets, token strings), for ids that take 100 MB as int32.
-PIECE_CHARS = 1 << 18
+PIECE_CHARS = 1 << 17
 
 
 def text_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
@@ -99,7 +99,8 @@ def text_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
     start = 0
     while len(text) - start > size:
         end = start + size
-        cut = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end), text.rfind("\t", start + 1, end))
+        half = start + size // 2  # the cut is looked for in the second half, so pieces are not tiny
+        cut = max(text.rfind(" ", half, end), text.rfind("\n", half, end), text.rfind("\t", half, end))
         while cut > start + 1 and text[cut - 1].isspace():
             cut -= 1
         cut = end if cut <= start else cut
@@ -114,11 +115,9 @@ def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def _tokenize_long(tokenizer, text: str) -> np.ndarray:
-    """Ids of one long document, tokenized a few pieces at a time into a compact int32 array."""
-    pieces, parts = text_pieces(text), []
-    while batch := list(itertools.islice(pieces, 4)):
-        parts.extend(np.asarray(ids, dtype=np.int32) for ids in _tokenize(tokenizer, batch))
-    return np.concatenate(parts)
+    """Ids of one long document, tokenized piece by piece into a compact int32 array."""
+    return np.concatenate([np.asarray(_tokenize(tokenizer, [piece])[0], dtype=np.int32)
+                           for piece in text_pieces(text)])
 
 
 def _encode_documents(texts: list[str], tokenizer=None) -> tuple[np.ndarray, int]:

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from dlm.data.sources import (RECORD_EXTENSIONS, check_common_args, check_context_fits_model, columns_error,
-                              expand_data_files, iter_located_records, source_flag, split_name, type_name)
+from dlm.data.sources import (RECORD_EXTENSIONS, PrepareArguments, check_common_args, check_context_fits_model,
+                              columns_error, expand_data_files, iter_located_records, source_flag, split_name,
+                              type_name)
 from dlm.data.split import test_assignment
-from dlm.data.storage import SFT_FORMAT, disk_full_errors, output_lock, save_prepared
-from dlm.errors import UsageError, check_output_dir
+from dlm.data.storage import SFT_FORMAT, disk_full_errors, prepare_locked, save_prepared
+from dlm.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -33,15 +34,9 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 
 
 @dataclass
-class SFTDataArguments:
+class SFTDataArguments(PrepareArguments):
     """Flags of prepare_sft_data.py (reference recipe names first, Hugging Face names as aliases)."""
 
-    path_to_data_store: str = field(metadata={
-        "help": "Output folder: a DatasetDict (train/test) plus metadata.json, written atomically.",
-        "aliases": ["--output_dir"]})
-    hf_model_name: str = field(default="answerdotai/ModernBERT-large", metadata={
-        "help": "Hub id or local folder of the masked LM (or tokenizer) whose tokenizer is used.",
-        "aliases": ["--model_name_or_path", "--tokenizer_name"]})
     context_length: int = field(default=1024, metadata={
         "help": "Maximum length of a rendered sample, in tokens (see --overlong).",
         "aliases": ["--max_seq_length"]})
@@ -59,17 +54,7 @@ class SFTDataArguments:
         "choices": ["drop", "truncate"]})
     test_split_pct: float = field(default=0.01, metadata={
         "help": "Fraction of records held out for the test split (0.01 = 1%%)."})
-    dataset_split_seed: int = field(default=42, metadata={
-        "help": "Seed of the train/test split.", "aliases": ["--seed"]})
-    num_workers: int = field(default=1, metadata={
-        "help": "Tokenizer processes.", "aliases": ["--preprocessing_num_workers"]})
-    huggingface_cache_dir: str | None = field(default=None, metadata={
-        "help": "Cache folder for hub downloads.", "aliases": ["--cache_dir"]})
-    skip_bad_records: bool = field(default=False, metadata={
-        "help": "Skip records with a field of the wrong type (a number, object, list or null where text is "
-                "expected) instead of stopping with an error; metadata.json counts them by reason."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --path_to_data_store."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom tokenizer code from the hub."})
+
 
 
 def detect_format(columns: Iterable[str], fmt: str | None = None, where: str = "the dataset",
@@ -275,14 +260,10 @@ def prepare_sft(args: SFTDataArguments) -> dict:
     every assistant turn's tokens and its end-of-turn token. Over-long samples are dropped or
     truncated per `--overlong`, with counts in the metadata.
     """
-
-    out = Path(args.path_to_data_store)
-    with output_lock(out):
-        return _prepare_sft(args, out)
+    return prepare_locked(args, _prepare_sft)
 
 
 def _prepare_sft(args: SFTDataArguments, out: Path) -> dict:
-    check_output_dir(out, "--path_to_data_store", args.overwrite)
     check_common_args(args)
     skipped = Counter() if args.skip_bad_records else None
     records, label, fmt = _load_sft_records(args, skipped)

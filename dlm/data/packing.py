@@ -14,26 +14,20 @@ from pathlib import Path
 
 import numpy as np
 
-from dlm.data.sources import (check_common_args, check_context_fits_model, file_signature, pretrain_sources,
-                              skipped_note, source_flag)
+from dlm.data.sources import (PrepareArguments, check_common_args, check_context_fits_model, file_signature,
+                              pretrain_sources, skipped_note, source_flag)
 from dlm.data.split import test_assignment
-from dlm.data.storage import (PRETRAIN_FORMAT, discard_work, disk_full_errors, load_manifest, output_lock,
+from dlm.data.storage import (PRETRAIN_FORMAT, discard_work, disk_full_errors, load_manifest, prepare_locked,
                               save_prepared, shard_name, split_dataset, write_rows)
-from dlm.errors import UsageError, atomic_write_text, check_output_dir
+from dlm.errors import UsageError, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class PretrainDataArguments:
+class PretrainDataArguments(PrepareArguments):
     """Flags of prepare_pretrain_data.py (reference recipe names first, Hugging Face names as aliases)."""
 
-    path_to_data_store: str = field(metadata={
-        "help": "Output folder: a DatasetDict (train/test) plus metadata.json, written atomically.",
-        "aliases": ["--output_dir"]})
-    hf_model_name: str = field(default="answerdotai/ModernBERT-large", metadata={
-        "help": "Hub id or local folder of the masked LM (or tokenizer) whose tokenizer is used.",
-        "aliases": ["--model_name_or_path", "--tokenizer_name"]})
     context_length: int = field(default=1024, metadata={
         "help": "Length of every packed row, in tokens.", "aliases": ["--max_seq_length"]})
     large_dataset: bool = field(default=False, metadata={
@@ -52,12 +46,6 @@ class PretrainDataArguments:
         "choices": ["paragraph", "line", "file"]})
     test_split_pct: float = field(default=0.005, metadata={
         "help": "Fraction of documents held out for the test split (0.005 = 0.5%%), chosen before packing."})
-    dataset_split_seed: int = field(default=42, metadata={
-        "help": "Seed of the train/test document split.", "aliases": ["--seed"]})
-    num_workers: int = field(default=1, metadata={
-        "help": "Tokenizer processes.", "aliases": ["--preprocessing_num_workers"]})
-    huggingface_cache_dir: str | None = field(default=None, metadata={
-        "help": "Cache folder for hub downloads.", "aliases": ["--cache_dir"]})
     streaming: bool = field(default=False, metadata={
         "help": "Stream the sources instead of downloading them whole (corpora larger than RAM or disk); "
                 "the test split is then drawn per document with probability --test_split_pct."})
@@ -65,11 +53,7 @@ class PretrainDataArguments:
         "help": "Text per shard (MB): memory is bounded by one shard; finished shards are kept so that a "
                 "rerun after an interruption resumes."})
     max_documents: int | None = field(default=None, metadata={"help": "Stop after this many documents."})
-    skip_bad_records: bool = field(default=False, metadata={
-        "help": "Skip records whose text is not a string (a number, object, list or null) instead of stopping "
-                "with an error; metadata.json counts them by type."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --path_to_data_store."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom code from the hub."})
+
 
 
 def pack_rows(carry: np.ndarray, ids: np.ndarray, context_length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -218,13 +202,10 @@ def prepare_pretrain(args: PretrainDataArguments) -> dict:
     folder and a rerun with the same arguments skips them. The output folder is locked for the
     whole run, so a second run into it is refused.
     """
-    out = Path(args.path_to_data_store)
-    with output_lock(out):
-        return _prepare_pretrain(args, out)
+    return prepare_locked(args, _prepare_pretrain)
 
 
 def _prepare_pretrain(args: PretrainDataArguments, out: Path) -> dict:
-    check_output_dir(out, "--path_to_data_store", args.overwrite)
     check_common_args(args)
     if args.shard_mb <= 0:
         raise UsageError(f"--shard_mb must be positive, got {args.shard_mb}")

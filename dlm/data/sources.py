@@ -10,6 +10,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,29 @@ from dlm.errors import UsageError
 
 TEXT_EXTENSIONS = (".txt",)
 RECORD_EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv")
+
+
+@dataclass
+class PrepareArguments:
+    """Flags both preparation scripts take (reference recipe names first, Hugging Face names as aliases)."""
+
+    path_to_data_store: str = field(metadata={
+        "help": "Output folder: a DatasetDict (train/test) plus metadata.json, written atomically.",
+        "aliases": ["--output_dir"]})
+    hf_model_name: str = field(default="answerdotai/ModernBERT-large", metadata={
+        "help": "Hub id or local folder of the masked LM (or tokenizer) whose tokenizer is used.",
+        "aliases": ["--model_name_or_path", "--tokenizer_name"]})
+    dataset_split_seed: int = field(default=42, metadata={
+        "help": "Seed of the train/test split (by document or record).", "aliases": ["--seed"]})
+    num_workers: int = field(default=1, metadata={
+        "help": "Tokenizer processes.", "aliases": ["--preprocessing_num_workers"]})
+    huggingface_cache_dir: str | None = field(default=None, metadata={
+        "help": "Cache folder for hub downloads.", "aliases": ["--cache_dir"]})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --path_to_data_store."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom code from the hub."})
+    skip_bad_records: bool = field(default=False, metadata={
+        "help": "Skip records with a text field of the wrong type (a number, object, list or null) instead of "
+                "stopping with an error; metadata.json counts them."})
 
 
 def expand_data_files(patterns: Sequence[str], flag: str = "--data_files",
@@ -269,7 +293,7 @@ class PretrainSource:
         return self._iterate(self.skipped if self.skip_bad else None)
 
 
-def hub_text_source(spec: str, split: str, args: PretrainDataArguments) -> PretrainSource:
+def hub_text_source(spec: str, split: str, args: PrepareArguments) -> PretrainSource:
     from datasets import load_dataset
 
     name, config = split_name(spec)
@@ -306,7 +330,7 @@ def hub_text_source(spec: str, split: str, args: PretrainDataArguments) -> Pretr
     return PretrainSource(spec, iterate_arrow, len(ds), skip_bad=skip)
 
 
-def pretrain_sources(args: PretrainDataArguments) -> list[PretrainSource]:
+def pretrain_sources(args: PrepareArguments) -> list[PretrainSource]:
     if args.data_files:
         paths = expand_data_files(args.data_files)
 

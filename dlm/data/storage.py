@@ -8,13 +8,13 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dlm.errors import UsageError, atomic_output_dir, atomic_write_text
+from dlm.errors import UsageError, atomic_output_dir, atomic_write_text, check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +136,14 @@ def output_lock(out: Path, flag: str = "--path_to_data_store") -> Iterator[None]
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         os.close(fd)
+
+
+def prepare_locked(args, prepare: Callable[[Any, Path], dict]) -> dict:
+    """Run `prepare(args, out)` holding the lock on `--path_to_data_store`, once the folder may be written."""
+    out = Path(args.path_to_data_store)
+    with output_lock(out):
+        check_output_dir(out, "--path_to_data_store", args.overwrite)
+        return prepare(args, out)
 
 
 def _remove_leftovers(out: Path) -> None:

@@ -245,7 +245,7 @@ def test_huge_documents_are_tokenized_in_pieces_and_huge_sft_records_dropped_unt
     words = "the sea and 12 wind of kings,  queens;\n347 bread! ".split(" ")
     line = " ".join(words[i % len(words)] for i in range(2_000_000 // 5))  # ~1 MB, no blank line
     doc = line[: PIECE_CHARS + 999]  # two pieces
-    ids, empty = _encode_documents([doc, "x"], tokenizer)
+    ids, empty = _encode_documents([doc], tokenizer)  # only long documents: no batch of short ones
     whole = tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert empty == 0 and ids[:len(whole)].tolist() == whole  # pieces give the whole document's tokens
     (tmp_path / "big.txt").write_text("a short one\n\n" + line + "\n")
@@ -257,5 +257,48 @@ def test_huge_documents_are_tokenized_in_pieces_and_huge_sft_records_dropped_unt
     with _PeakRSS() as sft_memory:
         meta = _sft(tmp_path, tokenizer_dir, [big], context_length=64)
     assert meta["overlong"]["dropped"] == 1 and meta["splits"]["train"]["rows"] == 4
+    prompt = _jsonl(tmp_path / "prompt.jsonl", [{"instruction": line[:500_000], "input": "", "output": "b"}] +
+                    [{"instruction": f"q{i}", "input": "", "output": "b"} for i in range(4)])
+    meta = _sft(tmp_path, tokenizer_dir, [prompt], context_length=64, overlong="truncate", name="cut")
+    assert meta["overlong"] == {"policy": "truncate", "dropped": 1, "truncated": 0}  # its prompt alone fills it
     # before: 251 MB and 227 MB (the whole 1 MB text through the tokenizer at once)
     assert pretrain_memory.mb < 120 and sft_memory.mb < 60, (pretrain_memory.mb, sft_memory.mb)
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("deep.jsonl", '{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n", r"deep.jsonl line 1: JSON nested too deeply"),
+    ("deep.json", '[{"text": ' + "[" * 100_000 + "]" * 100_000 + "}]", r"deep.json: JSON nested too deeply"),
+    ("lone.jsonl", '{"text": "fine"}\n{"text": "a \\ud800 b"}\n', r"lone.jsonl line 2: a \\u escape of a lone UTF-16"),
+    ("alpaca.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n', r"line 2: field 'output' is missing"),
+    ("chat.jsonl", json.dumps({"messages": [{"role": "bot", "content": "x"}]}), r"messages\[0\].role is 'bot', not one"),
+])
+def test_json_that_parses_but_cannot_be_text_is_one_line(tmp_path, tokenizer_dir, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    prepare = _sft if name.startswith(("alpaca", "chat")) else _pretrain
+    with pytest.raises(UsageError, match=message):
+        prepare(tmp_path, tokenizer_dir, [path])
+
+
+def test_byte_order_marks_are_not_text(tmp_path, tokenizer, tokenizer_dir):
+    for name, content in [("bom.jsonl", '{"text": "hello there sea"}\n'), ("bom.csv", "text\nhello there sea\n"),
+                          ("bom.txt", "hello there sea\n")]:
+        (tmp_path / name).write_text(content, encoding="utf-8-sig")
+        _pretrain(tmp_path, tokenizer_dir, [tmp_path / name], context_length=8, name=name[4:])
+        data, _ = load_prepared(tmp_path / name[4:], PRETRAIN_FORMAT)
+        assert tokenizer.decode(data["train"][0]["input_ids"]).startswith("hello there sea")
+
+
+def test_a_stray_shard_in_the_work_folder_is_not_part_of_the_dataset(tmp_path, corpus_text, tokenizer_dir):
+    docs = [json.dumps({"text": t}) for t in corpus_text[:6000].split("\n")]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(docs[:-1] + ['{"text": broken']) + "\n")  # dies at the end, shards kept
+    with pytest.raises(UsageError, match="malformed JSON"):
+        _pretrain(tmp_path, tokenizer_dir, [path], streaming=True, shard_mb=0.001)
+    work = tmp_path / ".out.shards"
+    (work / "shard-09999-train.arrow").write_bytes((work / "shard-00000-train.arrow").read_bytes())
+    path.write_text("\n".join(docs) + "\n")
+    meta = _pretrain(tmp_path, tokenizer_dir, [path], streaming=True, shard_mb=0.001)
+    clean = _pretrain(tmp_path, tokenizer_dir, [path], streaming=True, shard_mb=0.001, name="clean")
+    data, _ = load_prepared(tmp_path / "out", PRETRAIN_FORMAT)
+    assert len(data["train"]) == meta["splits"]["train"]["rows"] == clean["splits"]["train"]["rows"]

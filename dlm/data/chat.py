@@ -16,6 +16,7 @@ from dlm.data.sources import (RECORD_EXTENSIONS, PrepareArguments, check_common_
 from dlm.data.split import test_assignment
 from dlm.data.storage import SFT_FORMAT, disk_full_errors, prepare_locked, save_prepared
 from dlm.errors import UsageError
+from dlm.tokenization import ROLES
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,8 @@ def record_problem(record: dict, fmt: str) -> str | None:
     """Why a record of format `fmt` cannot be rendered as text (a field of the wrong type), or None."""
     for name, optional in TEXT_FIELDS.get(fmt, ()):
         value = record.get(name)
+        if name not in record and not optional:
+            return f"field {name!r} is missing"
         if not isinstance(value, str) and not (optional and value is None):
             return f"field {name!r} is {type_name(value)}, not a string"
     if fmt in TURN_FIELDS:
@@ -145,6 +148,8 @@ def record_problem(record: dict, fmt: str) -> str | None:
             for key in TURN_FIELDS[fmt]:
                 if not isinstance(turn.get(key), str):
                     return f"{column}[{i}].{key} is {type_name(turn.get(key))}, not a string"
+            if fmt == "messages" and turn["role"] not in ROLES:
+                return f"{column}[{i}].role is {turn['role']!r}, not one of {', '.join(ROLES)}"
     return None
 
 
@@ -287,17 +292,17 @@ def _prepare_sft(args: SFTDataArguments, out: Path) -> dict:
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
         chats = [record_to_messages(r, fmt) for r in rows]
         huge = [sum(len(m["content"]) for m in chat) > char_bound for chat in chats]
-        chats = [cut_chat(c, 2 * char_bound) if h and truncate else c for c, h in zip(chats, huge)]
-        ids, masks = encode_sft_batch(tokenizer, [c for c, h in zip(chats, huge) if truncate or not h])
+        ids, masks = encode_sft_batch(tokenizer, [cut_chat(c, 2 * char_bound) if h else c
+                                                  for c, h in zip(chats, huge) if truncate or not h])
         ids, masks = iter(ids), iter(masks)
         out_ids, out_masks, lengths, overlong, no_answer, answer_cut = [], [], [], [], [], []
-        for h in huge:
+        for chat, h in zip(chats, huge):
             if h and not truncate:  # over-long for sure: dropped, never tokenized
                 seq, mask = [], np.zeros(0, dtype=np.uint8)
             else:
                 seq, mask = next(ids), next(masks)
             too_long = h or len(seq) > limit
-            no_answer.append(not mask.any() and not (h and not truncate))  # the record has no assistant turn
+            no_answer.append(not any(m["role"] == "assistant" for m in chat))  # (an empty answer has its EOT)
             if too_long and truncate:
                 seq, mask = seq[:limit], mask[:limit]
             out_ids.append(seq)
@@ -311,9 +316,12 @@ def _prepare_sft(args: SFTDataArguments, out: Path) -> dict:
     features = Features({"input_ids": List(Value(dtype)), "answer_mask": List(Value("uint8")),
                          "length": Value("int32"), "overlong": Value("bool"), "no_answer": Value("bool"),
                          "answer_cut": Value("bool")})
-    encoded = records.map(encode, batched=True, batch_size=256, remove_columns=records.column_names,
-                          features=features, num_proc=args.num_workers if args.num_workers > 1 else None,
-                          desc="render+tokenize", load_from_cache_file=False)
+    # A hub dataset's map writes its result beside the dataset's cache files (local records stay in memory).
+    cache = Path(records.cache_files[0]["filename"]).parent if records.cache_files else "the datasets cache"
+    with disk_full_errors("the tokenized records", cache):
+        encoded = records.map(encode, batched=True, batch_size=256, remove_columns=records.column_names,
+                              features=features, num_proc=args.num_workers if args.num_workers > 1 else None,
+                              desc="render+tokenize", load_from_cache_file=False)
     overlong = np.asarray(encoded["overlong"], dtype=bool) & ~np.asarray(encoded["no_answer"], dtype=bool)
     no_answer = np.asarray(encoded["no_answer"], dtype=bool)
     # Over-long samples are dropped, or truncated; a truncation that would cut the whole answer away

@@ -94,6 +94,8 @@ def text_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
 
 
 def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
+    if not texts:  # transformers fails on an empty batch (IndexError)
+        return []
     return tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
                      return_token_type_ids=False)["input_ids"]
 

@@ -8,6 +8,7 @@ import glob as _glob
 import itertools
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -92,6 +93,9 @@ def iter_located_records(path: Path, flag: str = "--data_files") -> Iterator[tup
                 yield from _iter_json_lines(path, flag)
                 return
             raise UsageError(f"{flag} {path} line {err.lineno}: malformed JSON ({err.msg})") from None
+        except RecursionError:
+            raise UsageError(f"{flag} {path}: JSON nested too deeply to read") from None
+        _check_surrogates(text, data, f"{flag} {path}")
         if isinstance(data, dict):
             lists = [v for v in data.values() if isinstance(v, list)]
             data = lists[0] if len(data) == 1 and lists else [data]
@@ -125,7 +129,7 @@ def _iter_csv(path: Path, flag: str) -> Iterator[tuple[str, dict]]:
     import csv
 
     extra = object()  # DictReader's key for fields beyond the header
-    with _decoding_errors(path, flag), open(path, newline="", encoding="utf-8") as f:
+    with _decoding_errors(path, flag), open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f, restkey=extra)
         try:
             for record in reader:
@@ -155,7 +159,7 @@ def _decoding_errors(path: Path, flag: str) -> Iterator[None]:
 
 def _read_text(path: Path, flag: str) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # "-sig": a byte-order mark is not part of the text
     except UnicodeDecodeError as err:
         raise UsageError(f"{flag} {path}: not UTF-8 text ({err.reason} at byte {err.start}): "
                          f"is it a binary file?") from None
@@ -166,18 +170,40 @@ def _read_text(path: Path, flag: str) -> str:
 # Ours, not the `json` builder: that one infers one Arrow type per column over a whole block, so it cannot
 # name the line of a malformed record or of a value of the wrong type, nor tell a missing key from a null.
 def _iter_json_lines(path: Path, flag: str) -> Iterator[tuple[str, dict]]:
-    with _decoding_errors(path, flag), open(path, encoding="utf-8") as f:
+    with _decoding_errors(path, flag), open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UsageError(f"{flag} {path} line {lineno}: malformed JSON ({err.msg})") from None
+            record = _parse_json(line, f"{flag} {path} line {lineno}")
             if not isinstance(record, dict):
                 raise UsageError(f"{flag} {path} line {lineno}: expected a JSON object, "
                                  f"got {type(record).__name__}")
             yield f"line {lineno}", record
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _parse_json(text: str, where: str) -> Any:
+    """json.loads of one JSON line, with its failures as one line naming `where`."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{where}: malformed JSON ({err.msg})") from None
+    except RecursionError:
+        raise UsageError(f"{where}: JSON nested too deeply to read") from None
+    _check_surrogates(text, value, where)
+    return value
+
+
+def _check_surrogates(text: str, value: Any, where: str) -> None:
+    """Refuse escapes of lone UTF-16 surrogates: valid JSON, but not text that a tokenizer or Arrow takes.
+    Only a text holding such an escape (rare) is re-encoded to check it."""
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"{where}: a \\u escape of a lone UTF-16 surrogate, which is not text") from None
 
 
 TXT_SAMPLE_BY = {"line": "line", "file": "document"}
@@ -194,12 +220,12 @@ def iter_text_file(path: Path, split_by: str = "paragraph", flag: str = "--data_
             from datasets import load_dataset
 
             docs = load_dataset("text", data_files=[str(path)], sample_by=TXT_SAMPLE_BY[split_by], split="train",
-                                streaming=True)
+                                streaming=True, encoding="utf-8-sig")
             yield from (d["text"] for d in docs if split_by == "file" or d["text"].strip())
             return
         # Ours for paragraphs: the builder splits only at "\n\n", so a line of spaces does not end a
         # paragraph and "\n\n\n" starts the next one with a newline.
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             paragraph: list[str] = []
             for line in f:
                 if line.strip():

@@ -13,6 +13,7 @@ import numpy as np
 from dlm.data.sources import (RECORD_EXTENSIONS, PrepareArguments, check_common_args, check_context_fits_model,
                               columns_error, expand_data_files, iter_located_records, source_flag, split_name,
                               type_name)
+from dlm.data.packing import text_pieces
 from dlm.data.split import test_assignment
 from dlm.data.storage import SFT_FORMAT, disk_full_errors, prepare_locked, save_prepared
 from dlm.errors import UsageError
@@ -55,7 +56,6 @@ class SFTDataArguments(PrepareArguments):
         "choices": ["drop", "truncate"]})
     test_split_pct: float = field(default=0.01, metadata={
         "help": "Fraction of records held out for the test split (0.01 = 1%%)."})
-
 
 
 def detect_format(columns: Iterable[str], fmt: str | None = None, where: str = "the dataset",
@@ -195,8 +195,6 @@ def max_token_chars(tokenizer) -> int:
 def cut_chat(chat: Sequence[dict], budget: int) -> list[dict]:
     """The chat cut after about `budget` characters of content (between words, the rest dropped): its
     rendering starts like the whole chat's, so its first tokens are the same, without tokenizing the rest."""
-    from dlm.data.packing import text_pieces
-
     out, used = [], 0
     for message in chat:
         if used + len(message["content"]) > budget:

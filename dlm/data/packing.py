@@ -55,7 +55,6 @@ class PretrainDataArguments(PrepareArguments):
     max_documents: int | None = field(default=None, metadata={"help": "Stop after this many documents."})
 
 
-
 def pack_rows(carry: np.ndarray, ids: np.ndarray, context_length: int) -> tuple[np.ndarray, np.ndarray]:
     """Append `ids` to the leftover `carry` and cut full rows: (rows [n, context_length], new carry)."""
     stream = np.concatenate([carry, ids]) if len(carry) else ids

@@ -17,7 +17,6 @@ from dlm.data.packing import text_pieces
 from dlm.data.split import test_assignment
 from dlm.data.storage import SFT_FORMAT, disk_full_errors, prepare_locked, save_prepared
 from dlm.errors import UsageError
-from dlm.tokenization import ROLES
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +147,8 @@ def record_problem(record: dict, fmt: str) -> str | None:
             for key in TURN_FIELDS[fmt]:
                 if not isinstance(turn.get(key), str):
                     return f"{column}[{i}].{key} is {type_name(turn.get(key))}, not a string"
+            from dlm.tokenization import ROLES  # here, not above: that module loads torch (2 s)
+
             if fmt == "messages" and turn["role"] not in ROLES:
                 return f"{column}[{i}].role is {turn['role']!r}, not one of {', '.join(ROLES)}"
     return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import resource
 import signal
@@ -288,16 +289,21 @@ def test_byte_order_marks_are_not_text(tmp_path, tokenizer, tokenizer_dir):
         assert tokenizer.decode(data["train"][0]["input_ids"]).startswith("hello there sea")
 
 
-def test_a_stray_shard_in_the_work_folder_is_not_part_of_the_dataset(tmp_path, corpus_text, tokenizer_dir):
+def test_a_stray_shard_in_the_work_folder_is_not_part_of_the_dataset(tmp_path, corpus_text, tokenizer_dir,
+                                                                      caplog):
     docs = [json.dumps({"text": t}) for t in corpus_text[:6000].split("\n")]
     path = tmp_path / "docs.jsonl"
-    path.write_text("\n".join(docs[:-1] + ['{"text": broken']) + "\n")  # dies at the end, shards kept
+    path.write_text("\n".join(docs[:-1] + [docs[-1][:-1] + "x"]) + "\n")  # dies at the end, shards kept
+    stamp = os.stat(path).st_mtime_ns
     with pytest.raises(UsageError, match="malformed JSON"):
         _pretrain(tmp_path, tokenizer_dir, [path], streaming=True, shard_mb=0.001)
     work = tmp_path / ".out.shards"
     (work / "shard-09999-train.arrow").write_bytes((work / "shard-00000-train.arrow").read_bytes())
-    path.write_text("\n".join(docs) + "\n")
-    meta = _pretrain(tmp_path, tokenizer_dir, [path], streaming=True, shard_mb=0.001)
+    path.write_text("\n".join(docs) + "\n")  # repaired: same size and time, so the run resumes
+    os.utime(path, ns=(stamp, stamp))
+    with caplog.at_level(logging.INFO, logger="dlm.data.packing"):
+        meta = _pretrain(tmp_path, tokenizer_dir, [path], streaming=True, shard_mb=0.001)
+    assert "resuming" in caplog.text
     clean = _pretrain(tmp_path, tokenizer_dir, [path], streaming=True, shard_mb=0.001, name="clean")
     data, _ = load_prepared(tmp_path / "out", PRETRAIN_FORMAT)
     assert len(data["train"]) == meta["splits"]["train"]["rows"] == clean["splits"]["train"]["rows"]

@@ -11,6 +11,12 @@ Runs, each a real subprocess of the script whose process tree's RSS is polled fo
 Peak memory of 3 and 4 should be the same: streaming memory is bounded by one shard.
 The naive baseline tokenizes each document alone and pads/truncates it to --context_length.
 Figures are appended to benchmarks/RESULTS.md under "## Data preparation".
+
+    python benchmarks/bench_prepare.py --huge_line_mb 10   # one document / one SFT record of 10 MB, no newline
+
+measures instead peak memory and time of both scripts on a single huge line, against tokenizing it whole
+(what they did before long documents were cut into pieces and huge SFT records were dropped untokenized),
+alternating the runs; figures go under "## Data preparation: one huge line".
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Data preparation"
+HUGE_SECTION = "## Data preparation: one huge line"
 
 
 def _seed_text() -> tuple[str, str]:
@@ -217,19 +224,74 @@ def _write_results(runs: list[dict], naive_counts: dict, args, seed_name: str, c
     return "\n".join(lines)
 
 
-def _append_section(text: str) -> None:
+def _append_section(text: str, section: str = SECTION) -> None:
     """Replace our section of RESULTS.md (or append it), leaving other sections as they are."""
     old = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n\n"
-    start = old.find(SECTION)
+    start = old.find(section + "\n")
     if start >= 0:
-        end = old.find("\n## ", start + len(SECTION))
+        end = old.find("\n## ", start + len(section))
         old = old[:start] + (old[end + 1:] if end >= 0 else "")
     RESULTS.write_text(old.rstrip("\n") + "\n\n" + text)
+
+
+def whole_child(tok: str, path: str) -> None:
+    """Child mode: tokenize the file's one document whole, as a pretraining document (.txt) or as the rendered
+    chat of the one SFT record (.json), the way both scripts did before; print the token count."""
+    from dlm.data.chat import alpaca_to_messages
+    from dlm.tokenization import encode_chat, load_tokenizer
+
+    tokenizer = load_tokenizer(tok)
+    if path.endswith(".json"):
+        ids = encode_chat(tokenizer, alpaca_to_messages(json.loads(Path(path).read_text())[0]))
+    else:
+        ids = tokenizer(Path(path).read_text().strip(), add_special_tokens=False)["input_ids"]
+    print(json.dumps({"tokens": len(ids)}))
+
+
+def huge_line(work: Path, tok: Path, size_mb: float, context_length: int) -> str:
+    """Peak memory and time of both scripts on one huge line, alternating with tokenizing it whole."""
+    text, _ = _seed_text()
+    line = " ".join(text.split())
+    line = (line + " ") * (int(size_mb * 2**20) // len(line) + 1)
+    line = line[: int(size_mb * 2**20)]
+    txt, record = work / "huge.txt", work / "huge.json"
+    txt.write_text(line + "\n")
+    record.write_text(json.dumps([{"instruction": "Summarize.", "input": "", "output": line}] +
+                                 [{"instruction": f"Add {i} and 1.", "input": "", "output": str(i + 1)}
+                                  for i in range(9)]))
+    del line, text
+    rows = []
+    for script, path, label in (("prepare_pretrain_data.py", txt, "pretraining document"),
+                                ("prepare_sft_data.py", record, "SFT record (--overlong drop)")):
+        wall_whole, peak_whole, _ = _peak_rss_run([sys.executable, __file__, "--whole_child", str(tok), str(path)])
+        out = work / f"out_{script}"
+        wall, peak, _ = _peak_rss_run([sys.executable, str(ROOT / script), "--hf_model_name", str(tok),
+                                       "--data_files", str(path), "--path_to_data_store", str(out),
+                                       "--context_length", str(context_length), "--test_split_pct", "0",
+                                       "--overwrite"])
+        meta = json.loads((out / "metadata.json").read_text())
+        rows.append(f"| {label} | {size_mb:g} MB | {wall_whole:.1f} | {peak_whole:,.0f} | {wall:.1f} | {peak:,.0f} | "
+                    f"{meta['splits']['train']['rows']:,} rows |")
+        print(rows[-1], flush=True)
+    return "\n".join([
+        HUGE_SECTION, "",
+        f"`python benchmarks/bench_prepare.py --huge_line_mb {size_mb:g}` ({time.strftime('%Y-%m-%d')}; CPU, "
+        f"{os.cpu_count()} cores shared with other jobs, so times are noisy; the two columns of a row ran one "
+        f"after the other). One line of {size_mb:g} MB with no newline (the seed text's words); `--context_length "
+        f"{context_length}`. \"Whole\" is a child that only tokenizes that text in one call, as both scripts did "
+        f"before; the scripts now tokenize long documents in 128K-character pieces cut between words, and drop an "
+        f"SFT record that is over-long by its character count before tokenizing it. Peak memory: PSS of the "
+        f"process tree, polled every 0.1 s, including the interpreter and libraries (~300-400 MB).", "",
+        "| input | size | whole: wall (s) | whole: peak (MB) | script: wall (s) | script: peak (MB) | kept |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |", *rows, ""])
 
 
 def main() -> None:
     if len(sys.argv) == 5 and sys.argv[1] == "--naive_child":
         naive(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        return
+    if len(sys.argv) == 4 and sys.argv[1] == "--whole_child":
+        whole_child(sys.argv[2], sys.argv[3])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size_mb", type=int, default=100, help="Size of the in-memory input (MB).")
@@ -238,6 +300,8 @@ def main() -> None:
     parser.add_argument("--vocab_size", type=int, default=8192, help="BPE vocabulary trained for the benchmark.")
     parser.add_argument("--work_dir", default=None, help="Scratch folder (default: a temporary one).")
     parser.add_argument("--no_write", action="store_true", help="Print the figures, do not touch RESULTS.md.")
+    parser.add_argument("--huge_line_mb", type=float, default=None,
+                        help="Instead: both scripts on one line of this many MB, against tokenizing it whole.")
     args = parser.parse_args()
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_prepare-"))
@@ -249,6 +313,12 @@ def main() -> None:
         tok = work / "tokenizer"
         if not tok.is_dir():
             train_tokenizer(texts=[text], vocab_size=args.vocab_size).save_pretrained(tok)
+        if args.huge_line_mb:
+            section = huge_line(work, tok, args.huge_line_mb, args.context_length)
+            print(section)
+            if not args.no_write:
+                _append_section(section, HUGE_SECTION)
+            return
         corpus = _build_input(work, args.size_mb)
         runs = [
             _prepare(work, "w1", tok, [corpus], args.context_length, 1, False),

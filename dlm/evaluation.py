@@ -164,7 +164,9 @@ def evaluate_elbo(model: torch.nn.Module, tokenizer, data_path: str | Path, spli
                   batch_size: int = 8, num_samples: int = 32, mc_groups: int = 2, seed: int = 0,
                   max_rows: int | None = None, sparse: bool = True) -> ElboResult:
     """ELBO per-token NLL of a prepared split (pretraining or SFT folder), seeded and batched as in training."""
-    from dlm.data.collators import PretrainCollator, SFTCollator
+    from transformers import default_data_collator
+
+    from dlm.data.collators import SFTCollator
     from dlm.data.storage import SFT_FORMAT, load_prepared
     from dlm.tokenization import special_ids
 
@@ -178,7 +180,7 @@ def evaluate_elbo(model: torch.nn.Module, tokenizer, data_path: str | Path, spli
     if len(rows) == 0:
         raise UsageError(f"--path_to_prepped_data {data_path}: split {split!r} is empty")
     ids = special_ids(tokenizer)
-    collate = SFTCollator(pad_id=ids.eos) if fmt == SFT_FORMAT else PretrainCollator()  # as in training
+    collate = SFTCollator(pad_id=ids.eos) if fmt == SFT_FORMAT else default_data_collator  # as in training
     columns = ["input_ids", "answer_mask"] if fmt == SFT_FORMAT else ["input_ids"]
 
     def batches():

@@ -45,7 +45,11 @@ CHAT_TEMPLATE = (
     "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
     "{{- raise_exception('chat role must be system, user or assistant, got ' + message['role']) -}}"
     "{%- endif -%}"
-    "{{- '<|' + message['role'] + '|>' + message['content'] + '" + EOT_TOKEN + "' -}}"
+    "{{- '<|' + message['role'] + '|>' -}}"
+    # The answer (content and end of turn) is a {% generation %} block: return_assistant_tokens_mask marks it.
+    "{%- if message['role'] == 'assistant' -%}{%- generation -%}"
+    "{{- message['content'] + '" + EOT_TOKEN + "' -}}"
+    "{%- endgeneration -%}{%- else -%}{{- message['content'] + '" + EOT_TOKEN + "' -}}{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
 )

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerFast, Trainer, TrainingArguments
+from transformers import PreTrainedModel, PreTrainedTokenizerFast, Trainer, TrainingArguments, default_data_collator
 
 from dlm.checkpoints import AtomicCheckpoints, check_resume_fits, resolve_resume
-from dlm.data.collators import PretrainCollator, SFTCollator
+from dlm.data.collators import SFTCollator
 from dlm.data.storage import PRETRAIN_FORMAT, SFT_FORMAT, load_prepared
 from dlm.diffusion import EPS, antithetic_times, diffusion_loss, elbo_loss
 from dlm.errors import UsageError, replace_dir, write_failure_message
@@ -395,7 +395,7 @@ def run_training(objective: str, model_args: ModelArguments, data_args: DataArgu
         training_args.eval_on_start = False
     if model_args.lora:
         model = apply_lora(model, model_args)
-    collator = PretrainCollator() if objective == "pretrain" else SFTCollator(pad_id=ids.eos)
+    collator = default_data_collator if objective == "pretrain" else SFTCollator(pad_id=ids.eos)
 
     trainer = DiffusionTrainer(
         model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,

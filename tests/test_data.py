@@ -6,13 +6,15 @@ import json
 import logging
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import SHARED_DATA
 
-from dlm.data.chat import (SFTDataArguments, alpaca_to_messages, answer_mask_from_offsets, detect_format, prepare_sft,
-                           record_to_messages, records_to_messages)
+from dlm.data.chat import (SFTDataArguments, alpaca_to_messages, detect_format, prepare_sft, record_to_messages,
+                           records_to_messages)
 from dlm.data.collators import SFTCollator
 from dlm.data.packing import PretrainDataArguments, pack_rows, prepare_pretrain
 from dlm.data.sources import iter_text_file
@@ -248,13 +250,6 @@ def test_format_detection_and_missing_columns():
         detect_format(["text", "prompt"])
 
 
-def test_answer_mask_from_offsets_is_span_membership():
-    offsets = np.array([[0, 3], [3, 5], [5, 9], [9, 10], [10, 14]])
-    assert answer_mask_from_offsets(offsets, [(5, 10)]).tolist() == [0, 0, 1, 1, 0]
-    assert answer_mask_from_offsets(offsets, [(0, 3), (10, 20)]).tolist() == [1, 0, 0, 0, 1]
-    assert answer_mask_from_offsets(offsets, []).tolist() == [0] * 5
-
-
 def test_sft_overlong_drop_and_truncate_and_seeded_split(tmp_path, tokenizer, tokenizer_dir):
     records = _generated_alpaca(30, seed=4)
     path = tmp_path / "gen.jsonl"
@@ -307,3 +302,65 @@ def test_empty_test_split_is_written_readable(tmp_path, tokenizer, tokenizer_dir
     meta = prepare_sft(_sft_args(tmp_path, tokenizer_dir, [path], test_split_pct=0.0))
     data, _ = load_prepared(tmp_path / "sft", SFT_FORMAT, tokenizer)
     assert len(data["test"]) == 0 and len(data["train"]) == 10 == meta["splits"]["train"]["rows"]
+
+
+# -------------------------------------------------------------------- data prepared by earlier versions
+
+FIXTURE_V1 = Path(__file__).parent / "fixtures" / "prepared_v1"
+
+
+def write_fixture_v1(folder: Path = FIXTURE_V1) -> None:
+    """How tests/fixtures/prepared_v1 was written, by the code of commit 138f65a (before the readers, the answer
+    masks and the collator were handed to datasets/transformers): `python tests/test_data.py` at that commit.
+    The folder keeps its tokenizer and sources, so the test needs nothing else."""
+    import shutil
+
+    from conftest import make_corpus
+
+    from dlm.tokenization import train_tokenizer
+
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "source").mkdir(parents=True)
+    train_tokenizer(texts=[make_corpus(), "0123456789 +-=*/ What is the sum? Answer:"],
+                    vocab_size=512).save_pretrained(folder / "tokenizer")
+    (folder / "source" / "c.txt").write_text("\n\n".join(f"Doc {i}: the sea and the wind {i * 7}." for i in range(12))
+                                             + "\n")
+    (folder / "source" / "a.json").write_text(json.dumps(
+        [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": str(2 * i + 1)} for i in range(6)]))
+    tok = str(folder / "tokenizer")
+    prepare_pretrain(PretrainDataArguments(path_to_data_store=str(folder / "pretrain"), hf_model_name=tok,
+                                           data_files=[str(folder / "source" / "c.txt")], context_length=16,
+                                           test_split_pct=0.2))
+    prepare_sft(SFTDataArguments(path_to_data_store=str(folder / "sft"), hf_model_name=tok,
+                                 data_files=[str(folder / "source" / "a.json")], context_length=64, test_split_pct=0.2))
+
+
+def test_data_prepared_by_the_previous_version_loads_and_batches_the_same():
+    from transformers import default_data_collator
+
+    from dlm.data.chat import encode_sft_batch
+    from dlm.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(str(FIXTURE_V1 / "tokenizer"))
+    data, meta = load_prepared(FIXTURE_V1 / "pretrain", PRETRAIN_FORMAT, tokenizer)
+    docs = (FIXTURE_V1 / "source" / "c.txt").read_text().strip().split("\n\n")
+    rows = {s: np.asarray(data[s]["input_ids"]) for s in ("train", "test")}
+    assert {s: len(r) for s, r in rows.items()} == {s: meta["splits"][s]["rows"] for s in rows}
+    text = "".join(tokenizer.decode(r.reshape(-1), **DECODE) for r in rows.values())
+    assert sum(doc in text for doc in docs) >= len(docs) - 2  # all but the dropped tails
+    batch = default_data_collator([data["train"][0], data["train"][1]])
+    assert batch["input_ids"].dtype == torch.long and batch["input_ids"].tolist() == rows["train"][:2].tolist()
+
+    data, meta = load_prepared(FIXTURE_V1 / "sft", SFT_FORMAT, tokenizer)
+    records = json.loads((FIXTURE_V1 / "source" / "a.json").read_text())
+    assert _check_answer_masks(tokenizer, data, records) == len(records) == meta["records"]
+    rows = list(data["train"]) + list(data["test"])
+    ids, masks = encode_sft_batch(tokenizer, [alpaca_to_messages(r) for r in records])  # today's code
+    today = {tuple(i): m.tolist() for i, m in zip(ids, masks)}
+    assert all(today[tuple(row["input_ids"])] == row["answer_mask"] for row in rows)
+    batch = SFTCollator(tokenizer.eos_token_id)(rows[:2])
+    assert batch["input_ids"].shape == batch["answer_mask"].shape and batch["answer_mask"][:, -1].all()
+
+
+if __name__ == "__main__":
+    write_fixture_v1()

@@ -106,7 +106,7 @@ def prepared(tmp_path_factory, tokenizer, corpus_text):
 
 def test_elbo_agrees_with_trainer_eval_loss(tiny_model_dir, prepared, tmp_path):
     """Done-when 2: evaluate.py's ELBO and the Trainer's eval loss estimate the same number on the same rows."""
-    from dlm.data.collators import PretrainCollator
+    from transformers import default_data_collator
     from dlm.data.storage import load_prepared
     from dlm.modeling import load_checkpoint
     from dlm.tokenization import special_ids
@@ -127,7 +127,7 @@ def test_elbo_agrees_with_trainer_eval_loss(tiny_model_dir, prepared, tmp_path):
         args = DiffusionTrainingArguments(output_dir=str(tmp_path / "t"), per_device_eval_batch_size=4, seed=seed,
                                           report_to="none", disable_tqdm=True)
         trainer = DiffusionTrainer(model=model, args=args, eval_dataset=data["test"], mask_id=special_ids(tok).mask,
-                                   data_collator=PretrainCollator())
+                                   data_collator=default_data_collator)
         evals.append(trainer.evaluate()["eval_loss"])
     trainer_mean, trainer_se = mean_and_stderr(evals)
     combined = math.sqrt(res.mc_stderr ** 2 + trainer_se ** 2)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from dlm.data.sources import (RECORD_EXTENSIONS, check_common_args, check_context_fits_model, columns_error,
-                              expand_data_files, iter_local_records, source_flag, split_name)
+from dlm.data.sources import (RECORD_EXTENSIONS, PrepareArguments, check_common_args, check_context_fits_model,
+                              columns_error, expand_data_files, iter_located_records, source_flag, split_name,
+                              type_name)
+from dlm.data.packing import text_pieces
 from dlm.data.split import test_assignment
-from dlm.data.storage import SFT_FORMAT, save_prepared
-from dlm.errors import UsageError, check_output_dir
+from dlm.data.storage import SFT_FORMAT, disk_full_errors, prepare_locked, save_prepared
+from dlm.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -31,15 +35,9 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 
 
 @dataclass
-class SFTDataArguments:
+class SFTDataArguments(PrepareArguments):
     """Flags of prepare_sft_data.py (reference recipe names first, Hugging Face names as aliases)."""
 
-    path_to_data_store: str = field(metadata={
-        "help": "Output folder: a DatasetDict (train/test) plus metadata.json, written atomically.",
-        "aliases": ["--output_dir"]})
-    hf_model_name: str = field(default="answerdotai/ModernBERT-large", metadata={
-        "help": "Hub id or local folder of the masked LM (or tokenizer) whose tokenizer is used.",
-        "aliases": ["--model_name_or_path", "--tokenizer_name"]})
     context_length: int = field(default=1024, metadata={
         "help": "Maximum length of a rendered sample, in tokens (see --overlong).",
         "aliases": ["--max_seq_length"]})
@@ -57,14 +55,6 @@ class SFTDataArguments:
         "choices": ["drop", "truncate"]})
     test_split_pct: float = field(default=0.01, metadata={
         "help": "Fraction of records held out for the test split (0.01 = 1%%)."})
-    dataset_split_seed: int = field(default=42, metadata={
-        "help": "Seed of the train/test split.", "aliases": ["--seed"]})
-    num_workers: int = field(default=1, metadata={
-        "help": "Tokenizer processes.", "aliases": ["--preprocessing_num_workers"]})
-    huggingface_cache_dir: str | None = field(default=None, metadata={
-        "help": "Cache folder for hub downloads.", "aliases": ["--cache_dir"]})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --path_to_data_store."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom tokenizer code from the hub."})
 
 
 def detect_format(columns: Iterable[str], fmt: str | None = None, where: str = "the dataset",
@@ -132,62 +122,107 @@ def records_to_messages(records: Iterable[dict], fmt: str | None = None) -> list
     return [record_to_messages(r, fmt) for r in records]
 
 
-def assistant_char_spans(tokenizer, messages: Sequence[dict], text: str | None = None) -> list[tuple[int, int]]:
-    """Character spans of the rendered chat that belong to the answer: each assistant turn's content
-    and its end-of-turn marker.
-
-    Found by rendering prefixes of the chat, so any template whose generation prompt is a prefix of
-    the full rendering works; a template that breaks that property is reported.
-    """
-    from dlm.tokenization import render_chat
-
-    text = render_chat(tokenizer, messages) if text is None else text
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(render_chat(tokenizer, messages[:i], add_generation_prompt=True))
-        end = len(render_chat(tokenizer, messages[: i + 1]))
-        if not text.startswith(render_chat(tokenizer, messages[:i], add_generation_prompt=True)):
-            raise UsageError("the chat template's generation prompt is not a prefix of the full rendering")
-        spans.append((start, end))
-    return spans
+# Fields each format reads as text: (field, may be null or missing); list formats name their turns' keys.
+TEXT_FIELDS = {"alpaca": (("instruction", False), ("output", False), ("input", True)),
+               "openorca": (("question", False), ("response", False), ("system_prompt", True))}
+TURN_FIELDS = {"messages": ("role", "content"), "sharegpt": ("from", "value")}
 
 
-def answer_mask_from_offsets(offsets: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray:
-    """1 for tokens whose first character lies in one of the spans, 0 elsewhere (vectorised)."""
-    if not spans or len(offsets) == 0:
-        return np.zeros(len(offsets), dtype=np.uint8)
-    starts = offsets[:, 0][:, None]
-    bounds = np.asarray(spans)
-    return ((starts >= bounds[None, :, 0]) & (starts < bounds[None, :, 1])).any(axis=1).astype(np.uint8)
+def record_problem(record: dict, fmt: str) -> str | None:
+    """Why a record of format `fmt` cannot be rendered as text (a field of the wrong type), or None."""
+    for name, optional in TEXT_FIELDS.get(fmt, ()):
+        value = record.get(name)
+        if name not in record and not optional:
+            return f"field {name!r} is missing"
+        if not isinstance(value, str) and not (optional and value is None):
+            return f"field {name!r} is {type_name(value)}, not a string"
+    if fmt in TURN_FIELDS:
+        column = SFT_COLUMNS[fmt][0][0]
+        turns = record.get(column)
+        if not isinstance(turns, list):
+            return f"field {column!r} is {type_name(turns)}, not a list of turns"
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict):
+                return f"{column}[{i}] is {type_name(turn)}, not an object"
+            for key in TURN_FIELDS[fmt]:
+                if not isinstance(turn.get(key), str):
+                    return f"{column}[{i}].{key} is {type_name(turn.get(key))}, not a string"
+            from dlm.tokenization import ROLES  # here, not above: that module loads torch (2 s)
+
+            if fmt == "messages" and turn["role"] not in ROLES:
+                return f"{column}[{i}].role is {turn['role']!r}, not one of {', '.join(ROLES)}"
+    return None
+
+
+def check_records(located: Iterable[tuple[str, dict]], fmt: str, skipped: Counter | None) -> list[dict]:
+    """The records that render as text; a bad one is an error naming its place and field, or, when a
+    `skipped` counter is given, counted there by reason and left out."""
+    kept = []
+    for where, record in located:
+        problem = record_problem(record, fmt)
+        if problem is None:
+            kept.append(record)
+        elif skipped is None:
+            raise UsageError(f"{where}: {problem} (pass --skip_bad_records to skip such records, counted in "
+                             f"metadata.json)")
+        else:
+            skipped[problem] += 1
+    return kept
 
 
 def encode_sft_batch(tokenizer, chats: Sequence[Sequence[dict]]) -> tuple[list[list[int]], list[np.ndarray]]:
-    """Ids (exactly `encode_chat` of each chat) and answer masks for a batch of chats."""
-    from dlm.tokenization import render_chat
+    """Ids (exactly `encode_chat` of each chat) and answer masks for a batch of chats.
 
-    texts = [render_chat(tokenizer, chat) for chat in chats]
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False,
-                    return_token_type_ids=False)
-    masks = [answer_mask_from_offsets(np.asarray(offsets, dtype=np.int64).reshape(-1, 2),
-                                      assistant_char_spans(tokenizer, chat, text))
-             for chat, text, offsets in zip(chats, texts, enc["offset_mapping"])]
-    return enc["input_ids"], masks
+    The mask is 1 on each assistant turn's content and its end-of-turn: the chat template marks them
+    with a {% generation %} block, which `return_assistant_tokens_mask` maps to tokens.
+    """
+    if not chats:
+        return [], []
+    if "generation" not in (tokenizer.chat_template or ""):
+        raise UsageError("the chat template has no {% generation %} block to mark the answer tokens: "
+                         "prepare the tokenizer with tokenizer.py")
+    enc = tokenizer.apply_chat_template([list(c) for c in chats], tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+    return enc["input_ids"], [np.asarray(m, dtype=np.uint8) for m in enc["assistant_masks"]]
 
 
-def _load_sft_records(args: SFTDataArguments):
-    """The source records as a `datasets.Dataset`, a label for metadata and messages, and the format."""
+def max_token_chars(tokenizer) -> int:
+    """An upper bound on the characters one token covers: the longest vocabulary entry (in bytes for byte-level
+    BPE, so at least the characters), or 100 where an unknown token may stand for a whole word."""
+    longest = max(len(t) for t in tokenizer.get_vocab())
+    return max(longest, 100) if tokenizer.unk_token is not None else longest
+
+
+def cut_chat(chat: Sequence[dict], budget: int) -> list[dict]:
+    """The chat cut after about `budget` characters of content (between words, the rest dropped): its
+    rendering starts like the whole chat's, so its first tokens are the same, without tokenizing the rest."""
+    out, used = [], 0
+    for message in chat:
+        if used + len(message["content"]) > budget:
+            out.append({**message, "content": next(text_pieces(message["content"], max(budget - used, 2)))})
+            break
+        out.append(message)
+        used += len(message["content"])
+    return out
+
+
+def _load_sft_records(args: SFTDataArguments, skipped: Counter | None):
+    """The source records as a `datasets.Dataset`, a label for metadata and messages, and the format.
+
+    Local records whose fields do not render as text are an error, or counted in `skipped` and left out.
+    """
     if args.data_files:  # parsed and checked before `datasets` is imported, so bad files fail fast
         paths = expand_data_files(args.data_files, allowed=RECORD_EXTENSIONS)
-        records = []
-        for path in paths:
-            records.extend(iter_local_records(path))
+        located = [(f"--data_files {path} {where}", record) for path in paths
+                   for where, record in iter_located_records(path)]
         label = ",".join(str(p) for p in paths)
-        if not records:
+        if not located:
             raise UsageError(f"--data_files {label}: the dataset is empty (no records)")
-        columns = set().union(*(r.keys() for r in records))
+        columns = set().union(*(r.keys() for _, r in located))
         fmt = detect_format(columns, args.format, where=label)
+        records = check_records(located, fmt, skipped)
+        if not records:
+            raise UsageError(f"--data_files {label}: no usable record (skipped: {dict(skipped)})")
         wanted = [c for c in (*SFT_COLUMNS[fmt][0], *SFT_COLUMNS[fmt][1]) if c in columns]
         from datasets import Dataset
         # Only the columns the format reads: other columns may hold values Arrow cannot unify.
@@ -204,7 +239,22 @@ def _load_sft_records(args: SFTDataArguments):
     if len(ds) == 0:
         raise UsageError(f"--dataset {spec}: the dataset is empty")
     fmt = detect_format(ds.column_names, args.format, where=spec, flag="--dataset")
+    bad = _hub_bad_rows(ds, fmt)
+    if bad:
+        check_records([(f"--dataset {spec} record {i}", ds[i]) for i in bad], fmt, skipped)
+        ds = ds.select(sorted(set(range(len(ds))) - set(bad)))
     return ds, spec, fmt
+
+
+def _hub_bad_rows(ds, fmt: str) -> list[int]:
+    """Rows of a hub dataset that do not render as text: none when the Arrow types and null counts say so,
+    else found by one pass over the rows."""
+    if fmt in TEXT_FIELDS and all(
+            name not in ds.features or (getattr(ds.features[name], "dtype", None) in ("string", "large_string")
+                                        and (optional or ds.data.column(name).null_count == 0))
+            for name, optional in TEXT_FIELDS[fmt]):
+        return []
+    return [i for i, r in enumerate(ds) if record_problem(r, fmt)]
 
 
 def prepare_sft(args: SFTDataArguments) -> dict:
@@ -214,10 +264,15 @@ def prepare_sft(args: SFTDataArguments) -> dict:
     every assistant turn's tokens and its end-of-turn token. Over-long samples are dropped or
     truncated per `--overlong`, with counts in the metadata.
     """
+    return prepare_locked(args, _prepare_sft)
 
-    out = check_output_dir(args.path_to_data_store, "--path_to_data_store", args.overwrite)
+
+def _prepare_sft(args: SFTDataArguments, out: Path) -> dict:
     check_common_args(args)
-    records, label, fmt = _load_sft_records(args)
+    skipped = Counter() if args.skip_bad_records else None
+    records, label, fmt = _load_sft_records(args, skipped)
+    if skipped:
+        logger.warning("skipped %d records that do not render as text: %s", sum(skipped.values()), dict(skipped))
 
     from datasets import DatasetDict, Features, List, Value
 
@@ -228,15 +283,25 @@ def prepare_sft(args: SFTDataArguments) -> dict:
     specials = special_ids(tokenizer)
     dtype = smallest_uint_dtype(len(tokenizer))
     limit, truncate = args.context_length, args.overlong == "truncate"
+    # A chat with more content characters than this has more than `limit` tokens for sure: it is dropped
+    # (or cut, with --overlong truncate) before tokenizing, which for a 50 MB record would need ~10 GB.
+    char_bound = (limit + 1) * max_token_chars(tokenizer)
 
     def encode(batch: dict) -> dict:
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
         chats = [record_to_messages(r, fmt) for r in rows]
-        ids, masks = encode_sft_batch(tokenizer, chats)
+        huge = [sum(len(m["content"]) for m in chat) > char_bound for chat in chats]
+        ids, masks = encode_sft_batch(tokenizer, [cut_chat(c, 2 * char_bound) if h else c
+                                                  for c, h in zip(chats, huge) if truncate or not h])
+        ids, masks = iter(ids), iter(masks)
         out_ids, out_masks, lengths, overlong, no_answer, answer_cut = [], [], [], [], [], []
-        for seq, mask in zip(ids, masks):
-            too_long = len(seq) > limit
-            no_answer.append(not mask.any())  # the record itself has no assistant turn
+        for chat, h in zip(chats, huge):
+            if h and not truncate:  # over-long for sure: dropped, never tokenized
+                seq, mask = [], np.zeros(0, dtype=np.uint8)
+            else:
+                seq, mask = next(ids), next(masks)
+            too_long = h or len(seq) > limit
+            no_answer.append(not any(m["role"] == "assistant" for m in chat))  # (an empty answer has its EOT)
             if too_long and truncate:
                 seq, mask = seq[:limit], mask[:limit]
             out_ids.append(seq)
@@ -250,9 +315,12 @@ def prepare_sft(args: SFTDataArguments) -> dict:
     features = Features({"input_ids": List(Value(dtype)), "answer_mask": List(Value("uint8")),
                          "length": Value("int32"), "overlong": Value("bool"), "no_answer": Value("bool"),
                          "answer_cut": Value("bool")})
-    encoded = records.map(encode, batched=True, batch_size=256, remove_columns=records.column_names,
-                          features=features, num_proc=args.num_workers if args.num_workers > 1 else None,
-                          desc="render+tokenize", load_from_cache_file=False)
+    # A hub dataset's map writes its result beside the dataset's cache files (local records stay in memory).
+    cache = Path(records.cache_files[0]["filename"]).parent if records.cache_files else "the datasets cache"
+    with disk_full_errors("the tokenized records", cache):
+        encoded = records.map(encode, batched=True, batch_size=256, remove_columns=records.column_names,
+                              features=features, num_proc=args.num_workers if args.num_workers > 1 else None,
+                              desc="render+tokenize", load_from_cache_file=False)
     overlong = np.asarray(encoded["overlong"], dtype=bool) & ~np.asarray(encoded["no_answer"], dtype=bool)
     no_answer = np.asarray(encoded["no_answer"], dtype=bool)
     # Over-long samples are dropped, or truncated; a truncation that would cut the whole answer away
@@ -293,9 +361,11 @@ def prepare_sft(args: SFTDataArguments) -> dict:
         "sources": [label], "record_format": fmt, "seed": args.dataset_split_seed,
         "test_split_pct": args.test_split_pct,
         "overlong": {"policy": args.overlong, "dropped": n_dropped_overlong, "truncated": n_truncated},
-        "records": len(records), "skipped_no_answer": int(no_answer.sum()), "created_by": "prepare_sft_data.py",
+        "records": len(records) + sum((skipped or {}).values()), "skipped_no_answer": int(no_answer.sum()),
+        "skipped_records": dict(skipped or {}), "created_by": "prepare_sft_data.py",
     }
-    save_prepared(dataset, metadata, out, args.overwrite)
+    with disk_full_errors("the SFT dataset", out, sum(d.data.nbytes for d in dataset.values())):
+        save_prepared(dataset, metadata, out, args.overwrite)
     logger.info("train %d / test %d samples (%s format); %d dropped, %d truncated as over-long",
                 splits["train"]["rows"], splits["test"]["rows"], fmt, n_dropped_overlong, n_truncated)
     return metadata

@@ -1,19 +1,11 @@
-"""Batching prepared rows: packed pretraining rows are stacked, SFT rows are padded with EOS."""
+"""Batching prepared rows: SFT rows are padded with EOS. Packed pretraining rows all have one length, so
+transformers' `default_data_collator` (a stack into a LongTensor) batches them; nothing of ours is needed."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
-
-
-class PretrainCollator:
-    """Stack packed rows (all the same length) into a LongTensor batch."""
-
-    def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
-        import torch
-
-        return {"input_ids": torch.as_tensor([f["input_ids"] for f in features], dtype=torch.long)}
 
 
 class SFTCollator:

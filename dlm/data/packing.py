@@ -7,30 +7,27 @@ import itertools
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from dlm.data.sources import (DEFAULT_PRETRAIN_DATASET, MIN_CONTEXT_LENGTH, check_common_args, check_context_fits_model,
-                              file_signature, pretrain_sources, source_flag)
+from dlm.data.sources import (PrepareArguments, check_common_args, check_context_fits_model, file_signature,
+                              pretrain_sources, skipped_note, source_flag)
 from dlm.data.split import test_assignment
-from dlm.data.storage import PRETRAIN_FORMAT, discard_work, load_manifest, save_prepared, split_dataset, write_rows
-from dlm.errors import UsageError, atomic_write_text, check_output_dir
+from dlm.data.storage import (PRETRAIN_FORMAT, discard_work, disk_full_errors, load_manifest, prepare_locked,
+                              save_prepared, shard_name, split_dataset, write_rows)
+from dlm.errors import UsageError, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class PretrainDataArguments:
+class PretrainDataArguments(PrepareArguments):
     """Flags of prepare_pretrain_data.py (reference recipe names first, Hugging Face names as aliases)."""
 
-    path_to_data_store: str = field(metadata={
-        "help": "Output folder: a DatasetDict (train/test) plus metadata.json, written atomically.",
-        "aliases": ["--output_dir"]})
-    hf_model_name: str = field(default="answerdotai/ModernBERT-large", metadata={
-        "help": "Hub id or local folder of the masked LM (or tokenizer) whose tokenizer is used.",
-        "aliases": ["--model_name_or_path", "--tokenizer_name"]})
     context_length: int = field(default=1024, metadata={
         "help": "Length of every packed row, in tokens.", "aliases": ["--max_seq_length"]})
     large_dataset: bool = field(default=False, metadata={
@@ -49,12 +46,6 @@ class PretrainDataArguments:
         "choices": ["paragraph", "line", "file"]})
     test_split_pct: float = field(default=0.005, metadata={
         "help": "Fraction of documents held out for the test split (0.005 = 0.5%%), chosen before packing."})
-    dataset_split_seed: int = field(default=42, metadata={
-        "help": "Seed of the train/test document split.", "aliases": ["--seed"]})
-    num_workers: int = field(default=1, metadata={
-        "help": "Tokenizer processes.", "aliases": ["--preprocessing_num_workers"]})
-    huggingface_cache_dir: str | None = field(default=None, metadata={
-        "help": "Cache folder for hub downloads.", "aliases": ["--cache_dir"]})
     streaming: bool = field(default=False, metadata={
         "help": "Stream the sources instead of downloading them whole (corpora larger than RAM or disk); "
                 "the test split is then drawn per document with probability --test_split_pct."})
@@ -62,8 +53,6 @@ class PretrainDataArguments:
         "help": "Text per shard (MB): memory is bounded by one shard; finished shards are kept so that a "
                 "rerun after an interruption resumes."})
     max_documents: int | None = field(default=None, metadata={"help": "Stop after this many documents."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --path_to_data_store."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom code from the hub."})
 
 
 def pack_rows(carry: np.ndarray, ids: np.ndarray, context_length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -81,13 +70,49 @@ def _init_worker(tokenizer) -> None:
     _WORKER_TOKENIZER = tokenizer
 
 
+# Documents longer than this are tokenized in pieces: the tokenizer's output for one 50 MB line would
+# otherwise peak at about 8 GB (offsets, token strings), for ids that take 100 MB as int32.
+PIECE_CHARS = 1 << 17
+
+
+def text_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
+    """Consecutive pieces of `text` of at most `size` characters, each cut where a run of whitespace
+    starts after a non-space character, so that the tokenizer's pre-tokens (words with their leading
+    space) are the same as in the whole text; a window with no whitespace is cut hard."""
+    start = 0
+    while len(text) - start > size:
+        end = start + size
+        half = start + size // 2  # the cut is looked for in the second half, so pieces are not tiny
+        cut = max(text.rfind(" ", half, end), text.rfind("\n", half, end), text.rfind("\t", half, end))
+        while cut > start + 1 and text[cut - 1].isspace():
+            cut -= 1
+        cut = end if cut <= start else cut
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
+    if not texts:  # transformers fails on an empty batch (IndexError)
+        return []
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                     return_token_type_ids=False)["input_ids"]
+
+
+def _tokenize_long(tokenizer, text: str) -> np.ndarray:
+    """Ids of one long document, tokenized piece by piece into a compact int32 array."""
+    return np.concatenate([np.asarray(_tokenize(tokenizer, [piece])[0], dtype=np.int32)
+                           for piece in text_pieces(text)])
+
+
 def _encode_documents(texts: list[str], tokenizer=None) -> tuple[np.ndarray, int]:
     """Token ids of documents, each followed by EOS, as one int32 array; documents with no token are skipped."""
     tokenizer = tokenizer or _WORKER_TOKENIZER
-    encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
-                        return_token_type_ids=False)["input_ids"]
+    long = {i for i, text in enumerate(texts) if len(text) > PIECE_CHARS}
+    short = iter(_tokenize(tokenizer, [t for i, t in enumerate(texts) if i not in long]))
+    encoded = [_tokenize_long(tokenizer, t) if i in long else next(short) for i, t in enumerate(texts)]
     eos = tokenizer.eos_token_id
-    kept = [ids for ids in encoded if ids]
+    kept = [ids for ids in encoded if len(ids)]
     lengths = np.fromiter((len(ids) + 1 for ids in kept), dtype=np.int64, count=len(kept))
     flat = np.empty(int(lengths.sum()), dtype=np.int32)
     flat[:] = eos  # the position after each document keeps the EOS
@@ -175,10 +200,13 @@ def prepare_pretrain(args: PretrainDataArguments) -> dict:
     appended, then concatenated and cut into rows of exactly `context_length` tokens; only the
     final partial row of each split is dropped (counted in metadata). Work proceeds in shards
     of about `shard_mb` MB of text; finished shards survive an interruption beside the output
-    folder and a rerun with the same arguments skips them.
+    folder and a rerun with the same arguments skips them. The output folder is locked for the
+    whole run, so a second run into it is refused.
     """
+    return prepare_locked(args, _prepare_pretrain)
 
-    out = check_output_dir(args.path_to_data_store, "--path_to_data_store", args.overwrite)
+
+def _prepare_pretrain(args: PretrainDataArguments, out: Path) -> dict:
     check_common_args(args)
     if args.shard_mb <= 0:
         raise UsageError(f"--shard_mb must be positive, got {args.shard_mb}")
@@ -242,13 +270,15 @@ def prepare_pretrain(args: PretrainDataArguments) -> dict:
                 ids, n_empty = encoder.encode(texts)
                 rows, carry[split] = pack_rows(carry[split], ids.astype(np.int64), args.context_length)
                 if len(rows):
-                    write_rows(work / f"shard-{index:05d}-{split}.arrow", rows.astype(dtype))
+                    with disk_full_errors("a shard", work, rows.size * np.dtype(dtype).itemsize):
+                        write_rows(work / shard_name(index, split), rows.astype(dtype))
                 record[split] = {"documents": len(texts) - n_empty, "empty_documents": n_empty,
                                  "source_tokens": int(len(ids)), "rows": int(len(rows))}
                 record["carry"][split] = carry[split].tolist()
             done.append(record)
             manifest["shards"] = done
-            atomic_write_text(work / "manifest.json", json.dumps(manifest))
+            with disk_full_errors("the resume manifest", work):
+                atomic_write_text(work / "manifest.json", json.dumps(manifest))
             docs_done += len(shard)
             bar.update(len(shard))
             bar.set_postfix(rows=sum(d["train"]["rows"] + d["test"]["rows"] for d in done))
@@ -264,10 +294,13 @@ def prepare_pretrain(args: PretrainDataArguments) -> dict:
         splits[split] = {"rows": rows, "tokens": rows * args.context_length, "documents": kept_docs,
                          "empty_documents": sum(d[split]["empty_documents"] for d in done),
                          "source_tokens": source_tokens, "dropped_tail_tokens": int(len(carry[split]))}
+    skipped = sum((s.skipped for s in sources), Counter())
+    if skipped:
+        logger.warning("skipped %d records whose text is not a string: %s", sum(skipped.values()), dict(skipped))
     if sum(s["documents"] for s in splits.values()) == 0:
         discard_work(work)
         raise UsageError(f"{source_flag(args)}: the dataset is empty (no non-empty documents in "
-                         f"{', '.join(labels)})")
+                         f"{', '.join(labels)}{skipped_note(skipped)})")
     if splits["train"]["rows"] == 0:
         discard_work(work)
         raise UsageError(f"--context_length {args.context_length}: the training split holds only "
@@ -278,15 +311,25 @@ def prepare_pretrain(args: PretrainDataArguments) -> dict:
 
     from datasets import DatasetDict
 
-    dataset = DatasetDict({s: split_dataset(sorted(work.glob(f"shard-*-{s}.arrow")), dtype) for s in split_names})
+    # Only the shards this run's manifest lists (all of this configuration), never whatever lies in the folder.
+    shards = {s: [work / shard_name(d["index"], s) for d in done if d[s]["rows"]] for s in split_names}
+    missing = [p for paths in shards.values() for p in paths if not p.is_file()]
+    if missing:
+        discard_work(work)
+        raise UsageError(f"--path_to_data_store {out}: shard {missing[0]} listed in the resume manifest is "
+                         f"missing (removed by hand?); the work folder was discarded: run again")
+    dataset = DatasetDict({s: split_dataset(paths, dtype) for s, paths in shards.items()})
     metadata = {
         "format": PRETRAIN_FORMAT, "tokenizer": args.hf_model_name,
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer),
         "special_ids": asdict(specials), "context_length": args.context_length, "dtype": dtype,
         "splits": splits, "sources": labels, "seed": args.dataset_split_seed,
+        "skipped_records": dict(skipped), "records": sum(s["documents"] + s["empty_documents"]
+                                                         for s in splits.values()) + sum(skipped.values()),
         "test_split_pct": args.test_split_pct, "streaming": args.streaming,
         "document_separator": "eos", "created_by": "prepare_pretrain_data.py",
     }
-    save_prepared(dataset, metadata, out, args.overwrite)
+    with disk_full_errors("the final dataset", out, sum(p.stat().st_size for v in shards.values() for p in v)):
+        save_prepared(dataset, metadata, out, args.overwrite)
     discard_work(work)
     return metadata

@@ -77,22 +77,18 @@ def count_non_finite(loss: torch.Tensor, accelerator) -> int:
 def _merged_lora_copy(peft_model, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """The plain masked LM that `state` (a gathered PeftModel state dict) merges into, built on rank 0.
 
-    The live model may be sharded (FSDP, ZeRO-3), so peft merges a fresh copy that holds the gathered
-    weights: built on the meta device (no second allocation), then given the gathered tensors.
+    The live model may be sharded (FSDP, ZeRO-3), so peft merges a fresh CPU copy that holds the
+    gathered weights. The copy is built for real (not on the meta device) so that its tied embedding
+    and decoder stay one tensor when the weights are copied in.
     """
     from peft import get_peft_model
     from transformers import AutoModelForMaskedLM
 
-    with torch.device("meta"):
-        skeleton = AutoModelForMaskedLM.from_config(unwrap(peft_model).config)
-        copy = get_peft_model(skeleton, peft_model.peft_config[peft_model.active_adapter])
-    copy.load_state_dict(state, strict=False, assign=True)
-    merged = copy.merge_and_unload()
-    merged.tie_weights()  # tied rows (the decoder) were assigned apart: tie them back to the merged embeddings
-    left = [name for name, p in merged.named_parameters() if p.is_meta]
-    if left:
-        raise RuntimeError(f"LoRA merge: the gathered state dict has no value for {left[:4]}")
-    return merged
+    dtype = next(iter(state.values())).dtype
+    copy = get_peft_model(AutoModelForMaskedLM.from_config(unwrap(peft_model).config, dtype=dtype),
+                          peft_model.peft_config[peft_model.active_adapter])
+    copy.load_state_dict(state, strict=True)
+    return copy.merge_and_unload()
 
 
 def save_final_model(trainer, tokenizer, folder: str | Path, extra: dict) -> None:

@@ -54,7 +54,7 @@ def main() -> None:
             train_args = training.DiffusionTrainingArguments(
                 output_dir=str(Path(work) / mode), max_steps=args.steps, per_device_train_batch_size=args.batch,
                 learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.05, eval_strategy="no",
-                eval_on_start=False, save_strategy="no", logging_steps=100, report_to="none", seed=0,
+                eval_on_start=False, save_strategy="no", logging_steps=50, report_to="none", seed=0,
                 disable_tqdm=True)
             start = time.time()
             training.run_training("sft", model_args, data_args, train_args)

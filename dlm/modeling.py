@@ -132,7 +132,11 @@ def resize_for_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerF
 def load_masked_lm(name_or_path: str, tokenizer: PreTrainedTokenizerFast | None = None,
                    dtype: torch.dtype | None = None, trust_remote_code: bool = False,
                    flag: str = "--hf_model_name") -> PreTrainedModel:
-    """Load any AutoModelForMaskedLM (hub id or folder); refuse models that are not masked LMs."""
+    """Load any AutoModelForMaskedLM (hub id or folder); refuse models that are not masked LMs.
+
+    `dtype=None` keeps the checkpoint's stored dtype (transformers' "auto"): right for inference;
+    training passes torch.float32 so that the optimizer updates fp32 master weights.
+    """
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -255,10 +259,10 @@ def load_checkpoint(path: str, hf_model_name: str | None = None, dtype: torch.dt
         if not hf_model_name:
             raise UsageError(f"{flag} {p} is a bare weights file: pass --hf_model_name for its config and tokenizer")
         tokenizer = load_tokenizer(hf_model_name)
-        model = load_masked_lm(hf_model_name, tokenizer, flag="--hf_model_name")
+        # Built in the requested dtype before the weights arrive: a bf16 --hf_model_name would otherwise
+        # round an fp32 file to bf16 on its way into an fp32 training run.
+        model = load_masked_lm(hf_model_name, tokenizer, dtype=dtype, flag="--hf_model_name")
         load_weights_strict(model, p, flag=flag)
-        if dtype is not None:
-            model = model.to(dtype)
         return model, tokenizer
     raise UsageError(f"{flag} {p}: expected a checkpoint folder or a .safetensors file")
 

@@ -4,21 +4,19 @@
 `dlm.diffusion`; everything else (accumulation, mixed precision, DDP/FSDP/DeepSpeed, checkpoints
 and exact resume, schedules, logging) is the Trainer's own.
 
-Noise is a pure function of (seed, optimizer step, micro-batch): each step seeds a fresh generator
+Noise is a pure function of (seed, optimizer step, global row): each draw seeds a fresh generator
 instead of drawing from a stateful RNG. So a resumed run draws exactly the noise the uninterrupted
-run would have drawn, and every data-parallel rank draws the same noise for the *global* batch and
-keeps its own rows: a 2-process run has the same antithetic times and masks as a 1-process run
-with the same global batch.
+run would have drawn, and the times of one optimizer step are one antithetic set over all its
+micro-batches and ranks, each rank drawing only its own rows: a 2-process run has the same times
+and masks as a 1-process run with the same global batch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +27,8 @@ from dlm.checkpoints import AtomicCheckpoints, check_resume_fits, resolve_resume
 from dlm.data.collators import SFTCollator
 from dlm.data.storage import PRETRAIN_FORMAT, SFT_FORMAT, load_prepared
 from dlm.diffusion import EPS, antithetic_times, diffusion_loss, elbo_loss
-from dlm.errors import UsageError, replace_dir, write_failure_message
+from dlm.distributed import check_launch, check_sharded_setup, count_non_finite, save_final_model
+from dlm.errors import UsageError
 from dlm.modeling import MODEL_CONFIGS, build_from_scratch, load_checkpoint, load_masked_lm
 from dlm.tokenization import load_tokenizer, special_ids
 
@@ -107,6 +106,12 @@ class DiffusionTrainingArguments(TrainingArguments):
         "help": "Sequences per GPU per optimizer step; must be divisible by --gradient_accumulation_steps "
                 "(micro-batch = per_gpu_batch_size // gradient_accumulation_steps)."})
     log_wandb: bool = field(default=False, metadata={"help": "Report to Weights & Biases (same as --report_to wandb)."})
+    # Same fields as TrainingArguments; the help says what mixed precision means here.
+    bf16: bool = field(default=False, metadata={
+        "help": "Compute in bfloat16 (autocast). The weights and optimizer stay fp32 (master weights): models "
+                "are loaded for training in fp32 whatever dtype their checkpoint was stored in."})
+    fp16: bool = field(default=False, metadata={
+        "help": "Compute in float16 (autocast, loss scaling); weights stay fp32 as with --bf16."})
 
     def __post_init__(self):
         # Translate the recipe flags before TrainingArguments validates and freezes its fields.
@@ -173,47 +178,53 @@ class DiffusionTrainer(AtomicCheckpoints, Trainer):
         self._eval_batch = 0
 
     # -- training -----------------------------------------------------------------------------
-    def _step_generator(self, device: torch.device) -> torch.Generator:
-        """Generator for this micro-batch's noise, seeded by (seed, optimizer step, micro-batch index)."""
+    def _generator(self, device: torch.device, *parts: int) -> torch.Generator:
+        """A fresh generator seeded by (seed, optimizer step, *parts): the same on every rank and every run."""
+        return torch.Generator(device=device).manual_seed(_noise_seed(self.args.seed, self.state.global_step, *parts))
+
+    def _micro_index(self) -> int:
+        """Index of this micro-batch within the current optimizer step (0 .. gradient_accumulation_steps - 1)."""
         if self.state.global_step != self._noise_step:
             self._noise_step, self._micro = self.state.global_step, 0
-        gen = torch.Generator(device=device).manual_seed(
-            _noise_seed(self.args.seed, self.state.global_step, self._micro))
         self._micro += 1
-        return gen
+        return self._micro - 1
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         input_ids = inputs["input_ids"]
         maskable = inputs["answer_mask"].bool() if "answer_mask" in inputs else torch.ones_like(input_ids, dtype=torch.bool)
         if not model.training:  # only reached through Trainer internals; eval goes via prediction_step
             return self._eval_loss(model, input_ids, maskable)
-        gen = self._step_generator(input_ids.device)
+        device, micro = input_ids.device, self._micro_index()
         world, rank = max(self.args.world_size, 1), self.args.process_index
+        accumulation = max(self.args.gradient_accumulation_steps, 1)
         b, length = input_ids.shape
-        # Crop decision and length come first from the shared generator, so all ranks agree.
-        crop_draw = torch.rand(2, generator=gen, device=gen.device).tolist()
+        # The crop decision belongs to the global micro-batch: seeded by (step, micro), all ranks agree.
+        crop_draw = torch.rand(2, generator=self._generator(device, micro), device=device).tolist()
         if crop_draw[0] < self.crop_probability:
             length = 1 + int(crop_draw[1] * length)
             input_ids, maskable = input_ids[:, :length], maskable[:, :length]
-        t = antithetic_times(b, gen, offset=rank * b, total=world * b)
-        if self.objective == "pretrain":
-            # Rows have the same width on every rank: draw the global batch's noise, keep our rows.
-            noise = torch.rand((world * b, length), generator=gen, device=gen.device)[rank * b:(rank + 1) * b]
-        else:
-            # SFT widths differ per rank: a per-rank stream keeps the masks independent across ranks.
-            noise = torch.rand((b, length), generator=torch.Generator(gen.device).manual_seed(
-                _noise_seed(self.args.seed, self.state.global_step, self._micro, rank + 1)), device=gen.device)
+        # One stratified set per optimizer step: u is shared by every micro-batch and rank of the step, and
+        # the rows of (micro, rank) take strata (micro * world + rank) * b ... of world * b * accumulation.
+        first = (micro * world + rank) * b
+        t = antithetic_times(b, self._generator(device), offset=first, total=world * b * accumulation)
+        # Mask noise per global row: this rank draws only its own rows, identical whatever the world size.
+        noise = torch.stack([torch.rand(length, generator=self._generator(device, -1, first + i), device=device)
+                             for i in range(b)])
         loss = diffusion_loss(model, input_ids, maskable, self.mask_id, t, noise, sparse=self.sparse_head,
                               eps=self.mask_eps)
         return (loss, None) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        # Checked before the optimizer step, so the weights (and every checkpoint) stay finite.
-        if not torch.isfinite(loss).all():
+        # Checked before the optimizer step and agreed by all ranks (gradients are already averaged), so
+        # no rank steps and the weights (and every checkpoint) stay finite.
+        bad = count_non_finite(loss, self.accelerator)
+        if bad:
+            world = self.accelerator.num_processes
+            which = f" on {bad} of {world} processes (here {loss.item()})" if world > 1 else f" ({loss.item()})"
             raise NonFiniteLossError(
-                f"non-finite training loss ({loss.item()}) at step {self.state.global_step + 1}; stopped before "
-                f"applying it, the last good checkpoint in {self.args.output_dir} is intact")
+                f"non-finite training loss{which} at step {self.state.global_step + 1}; stopped "
+                f"before applying it, the last good checkpoint in {self.args.output_dir} is intact")
         return loss
 
     # -- evaluation ---------------------------------------------------------------------------
@@ -263,26 +274,40 @@ def load_model_for_training(model_args: ModelArguments, context_length: int | No
 
 def _load_model_for_training(model_args: ModelArguments, context_length: int | None
                              ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    # fp32 master weights: a bf16 checkpoint loaded as stored would have the optimizer update bf16
+    # parameters, where small updates round away; --bf16/--fp16 only set the compute precision.
     checkpoint = getattr(model_args, "path_to_pretrained_checkpoint", None)
     if checkpoint:
-        return load_checkpoint(checkpoint, model_args.hf_model_name, flag="--path_to_pretrained_checkpoint")
+        return load_checkpoint(checkpoint, model_args.hf_model_name, dtype=torch.float32,
+                               flag="--path_to_pretrained_checkpoint")
     if not model_args.hf_model_name:
         raise UsageError("--hf_model_name is required (the model to adapt, or the tokenizer source with --from_scratch)")
     tokenizer = load_tokenizer(model_args.hf_model_name, trust_remote_code=model_args.trust_remote_code)
     if model_args.from_scratch:
         return build_from_scratch(model_args.model_config, tokenizer,
                                   max_position_embeddings=max(8192, context_length or 0)), tokenizer
-    return load_masked_lm(model_args.hf_model_name, tokenizer, trust_remote_code=model_args.trust_remote_code), tokenizer
+    return load_masked_lm(model_args.hf_model_name, tokenizer, dtype=torch.float32,
+                          trust_remote_code=model_args.trust_remote_code), tokenizer
 
 
-def apply_lora(model: PreTrainedModel, model_args: ModelArguments) -> torch.nn.Module:
-    """Wrap the model with LoRA adapters on every linear layer except the output projection."""
+def apply_lora(model: PreTrainedModel, model_args: ModelArguments,
+               tokenizer: PreTrainedTokenizerFast | None = None) -> torch.nn.Module:
+    """Wrap the model with LoRA adapters on every linear layer except the output projection.
+
+    With a tokenizer, the chat markers' embedding rows (and, tied, their decoder rows) train in full:
+    they reuse reserved rows that pretraining never trained, so frozen they would stay noise.
+    peft's trainable tokens merge into the plain embedding matrix like the adapters do.
+    """
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise UsageError("--lora needs the peft package (pip install peft)") from None
+    markers = None
+    if tokenizer is not None:
+        ids = special_ids(tokenizer)
+        markers = sorted({ids.system, ids.user, ids.assistant, ids.eot})
     config = LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
-                        target_modules="all-linear")
+                        target_modules="all-linear", trainable_token_indices=markers)
     model = get_peft_model(model, config)
     model.print_trainable_parameters()
     return model
@@ -298,43 +323,6 @@ def check_reporters(report_to: list[str] | str | None) -> None:
         if name in needs and not needs[name][0]():
             flag = f"--report_to {name}" + (" (--log_wandb)" if name == "wandb" else "")
             raise UsageError(f"{flag} needs the {needs[name][1]} package: pip install {needs[name][1]}")
-
-
-def save_final_model(trainer: DiffusionTrainer, tokenizer: PreTrainedTokenizerFast, folder: str | Path,
-                     extra: dict) -> None:
-    """Write `final_model/`: a complete HF folder (safetensors, config, tokenizer + chat template), atomically.
-
-    Every rank joins `save_model` (FSDP/DeepSpeed gather the full weights there); rank 0 writes into
-    a temporary sibling and renames it into place, so an existing final_model/ is replaced only whole.
-    """
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if trainer.is_world_process_zero():
-        shutil.rmtree(tmp, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()
-    try:
-        if hasattr(model, "merge_and_unload"):  # LoRA: merge the adapters into a plain masked LM
-            if trainer.is_world_process_zero():
-                merged = model.merge_and_unload()
-                merged.save_pretrained(tmp, safe_serialization=True)
-                tokenizer.save_pretrained(tmp)
-        else:
-            trainer.save_model(str(tmp))
-        trainer.accelerator.wait_for_everyone()
-        if trainer.is_world_process_zero():
-            (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle: not part of a model folder
-            (tmp / "dlm.json").write_text(json.dumps(extra, indent=2))
-    except Exception as err:
-        message = write_failure_message(err, tmp, folder, needed_bytes=sum(
-            p.numel() * p.element_size() for p in model.parameters()), needed_label="the weights alone take")
-        shutil.rmtree(tmp, ignore_errors=True)
-        if message:
-            raise UsageError(message) from None
-        raise
-    if trainer.is_world_process_zero():
-        replace_dir(tmp, folder)
-    trainer.accelerator.wait_for_everyone()
 
 
 def plot_loss_curve(log_history: list[dict], path: str | Path, title: str = "") -> None:
@@ -372,6 +360,8 @@ def run_training(objective: str, model_args: ModelArguments, data_args: DataArgu
     if model_args.from_scratch and model_args.model_config not in MODEL_CONFIGS:
         raise UsageError(f"--model_config must be one of {', '.join(MODEL_CONFIGS)}, got {model_args.model_config!r}")
     check_reporters(training_args.report_to)
+    check_launch(training_args.n_gpu, training_args.parallel_mode.value != "not_distributed")
+    check_sharded_setup(training_args.deepspeed)
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
 
     # The tokenizer comes first: prepared data is checked against it before any model is loaded.
@@ -394,7 +384,7 @@ def run_training(objective: str, model_args: ModelArguments, data_args: DataArgu
         training_args.eval_strategy = "no"
         training_args.eval_on_start = False
     if model_args.lora:
-        model = apply_lora(model, model_args)
+        model = apply_lora(model, model_args, tokenizer)
     collator = default_data_collator if objective == "pretrain" else SFTCollator(pad_id=ids.eos)
 
     trainer = DiffusionTrainer(

@@ -21,6 +21,7 @@ LAYERS = {
     "dlm.synthetic": 3,
     "dlm.modeling": 3,
     "dlm.diffusion": 4,
+    "dlm.distributed": 5,
     "dlm.training": 5,
     "dlm.checkpoints": 5,
     "dlm.prompts": 3,

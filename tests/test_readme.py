@@ -186,7 +186,8 @@ def test_every_accelerate_config_loads():
     from accelerate.commands.config.config_args import load_config_from_file
 
     expected = {"single_gpu": "NO", "multi_gpu_ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED",
-                "multi_node": "MULTI_GPU", "cpu_multiprocess": "MULTI_GPU"}
+                "multi_node": "MULTI_GPU", "cpu_multiprocess": "MULTI_GPU",
+                "fsdp_sharded": "FSDP", "deepspeed_zero3": "DEEPSPEED"}
     found = {p.stem: p for p in (ROOT / "configs" / "accelerate").glob("*.yaml")}
     assert sorted(found) == sorted(expected)
     for name, path in found.items():

@@ -187,8 +187,10 @@ def test_sft_from_pretrained_checkpoint_writes_loadable_final_model(tiny_model_d
             assert torch.equal(v, trained[k])
 
 
-def test_lora_sft_saves_a_merged_plain_masked_lm(tiny_model_dir, sft_data, tmp_path):
+def test_lora_sft_saves_a_merged_plain_masked_lm(tiny_model_dir, sft_data, tmp_path, tokenizer):
     from transformers import AutoModelForMaskedLM
+
+    from dlm.tokenization import special_ids
 
     # LoRA with gradient checkpointing: final_model/ must be a plain masked LM (adapters merged, head kept).
     res = run("finetune_sft.py", sft_args(sft_data, tmp_path, "lora", steps=6, hf_model_name=str(tiny_model_dir),
@@ -201,7 +203,13 @@ def test_lora_sft_saves_a_merged_plain_masked_lm(tiny_model_dir, sft_data, tmp_p
     assert sorted(trained) == sorted(start)  # no lora_A/lora_B or base_model.* keys: an ordinary checkpoint
     changed = {k for k in start if not torch.equal(trained[k], start[k])}
     assert any("attn.Wqkv" in k for k in changed) and any("mlp.Wo" in k for k in changed)  # merged deltas
-    assert not any("embeddings" in k or "norm" in k for k in changed)  # only adapted linear layers moved
+    assert not any("norm" in k for k in changed)  # only adapted linear layers and marker rows moved
+    # The chat markers' embedding rows (tied to the decoder) trained; every other row is bit-identical.
+    emb = "model.embeddings.tok_embeddings.weight"
+    moved = (trained[emb] != start[emb]).any(1).nonzero().flatten().tolist()
+    ids = special_ids(tokenizer)
+    assert {ids.user, ids.assistant, ids.eot} <= set(moved) <= {ids.system, ids.user, ids.assistant, ids.eot}
+    assert changed & {k for k in start if "embeddings" in k} == {emb}
     model = AutoModelForMaskedLM.from_pretrained(final)
     assert type(model).__name__ == "ModernBertForMaskedLM" and not hasattr(model, "peft_config")
     assert "head.dense.weight" in changed and "decoder.bias" in trained  # the MLM head is kept (and adapted)
@@ -291,3 +299,30 @@ def test_missing_report_to_package_is_a_usage_error(monkeypatch):
     monkeypatch.setattr(integrations, "is_tensorboard_available", lambda: True)
     check_reporters(["tensorboard"])
 
+
+
+def test_bf16_checkpoint_is_loaded_for_training_in_fp32(tokenizer, tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    from conftest import save_tiny_model
+    from dlm.errors import ArgumentParser
+    from dlm.training import (DataArguments, DiffusionTrainingArguments, ModelArguments, SFTModelArguments,
+                              load_model_for_training)
+
+    # A checkpoint stored in bf16, as a bf16 DeepSpeed run or many hub models write it.
+    model = AutoModelForMaskedLM.from_pretrained(save_tiny_model(tokenizer, tmp_path / "fp32"), dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    tokenizer.save_pretrained(tmp_path / "bf16")
+    stored = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert {v.dtype for v in stored.values()} == {torch.bfloat16}
+    for args in (ModelArguments(hf_model_name=str(tmp_path / "bf16")),
+                 SFTModelArguments(path_to_pretrained_checkpoint=str(tmp_path / "bf16")),
+                 SFTModelArguments(path_to_pretrained_checkpoint=str(tmp_path / "bf16" / "model.safetensors"),
+                                   hf_model_name=str(tmp_path / "bf16"))):
+        loaded, _ = load_model_for_training(args)
+        assert {p.dtype for p in loaded.parameters()} == {torch.float32}  # fp32 master weights
+        state = loaded.state_dict()
+        for key, value in stored.items():
+            assert torch.equal(state[key], value.float()), key
+    help_text = ArgumentParser((ModelArguments, DataArguments, DiffusionTrainingArguments)).format_help()
+    assert "fp32 (master weights)" in " ".join(help_text.split())

@@ -296,6 +296,9 @@ class _Sampler:
         row = self.rows[b]
         return self.canvas[b, row.prompt_len:row.length].tolist()
 
+    def region(self, row_id: int) -> list[int]:
+        return self._region(self.index(row_id))
+
     def result(self, row_id: int) -> SampleResult:
         """A row's generation so far (final once the row is done)."""
         return self._result(self.index(row_id))

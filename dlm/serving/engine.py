@@ -123,7 +123,8 @@ class Engine:
         self.owners: dict[int, tuple[Job, Choice]] = {}   # row id -> (job, choice)
         self.settled_len: dict[int, int] = {}              # row id -> settled tokens last decoded
         self.steps_run = 0
-        self.step_seconds = 0.0
+        self.step_seconds = 0.0   # time inside step_once (the forward passes and decisions)
+        self.rows_stepped = 0     # rows in flight summed over steps: / steps_run = mean batch size
         self._wake = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="dlm-sampler", daemon=True)
@@ -157,8 +158,11 @@ class Engine:
         return per_step * 64 * (1 + queued_rows / self.max_batch_size)
 
     def health(self) -> dict:
+        steps = max(self.steps_run, 1)
         return {"status": "ok", "queue_depth": len(self.pending), "rows_in_flight": len(self.owners),
-                "max_batch_size": self.max_batch_size, "max_queue": self.max_queue, "steps": self.steps_run}
+                "max_batch_size": self.max_batch_size, "max_queue": self.max_queue, "steps": self.steps_run,
+                "mean_rows_per_step": round(self.rows_stepped / steps, 2),
+                "seconds_per_step": round(self.step_seconds / steps, 5)}
 
     # -- the worker ------------------------------------------------------------------------------------------
 
@@ -178,6 +182,7 @@ class Engine:
                 continue
             try:
                 t = time.perf_counter()
+                self.rows_stepped += len(self.batch.rows)
                 self.batch.step_once()
                 self.step_seconds += time.perf_counter() - t
                 self.steps_run += 1
@@ -246,10 +251,12 @@ class Engine:
                     choice.canvas = result.output_ids
                 self._leave(row.id)
             else:
+                follows = job.follow or bool(job.stop)  # a stop string may end the row early
+                if not (follows or job.watch):
+                    continue
                 region = self.batch.region(row.id)
                 if job.watch:
                     choice.canvas = region
-                follows = job.follow or bool(job.stop)  # a stop string may end the row early
                 if not (follows and self._settle(row.id, region, job, choice)) and not job.watch:
                     continue
             job.notify()

@@ -7,6 +7,8 @@ step-level batching must never change a row's tokens.
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -276,3 +278,31 @@ def test_page_in_a_real_headless_chromium(served, tmp_path):
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     assert shot.stat().st_size > 10_000
+
+
+def test_readme_serve_examples_run_against_the_server(served, capsys):
+    """The README's curl and openai-client examples, pointed at this server, answer as shown there."""
+    from test_readme import README, code_commands
+
+    section = README.read_text(encoding="utf-8").split("\n## Serve")[1].split("\n## ")[0]
+    curls = [shlex.split(c) for c in code_commands(section, "sh") if c.startswith("curl")]
+    assert curls and any("python serve.py" in c for c in code_commands(section, "sh"))
+    for argv in curls:
+        body = json.loads(argv[argv.index("-d") + 1])
+        url = argv[1].replace("http://127.0.0.1:8000", served.url)
+        r = httpx.post(url, json={**body, "model": "tiny-dlm"}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["nfe"] >= 1, r.text
+    snippets = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert snippets
+    for code in snippets:
+        exec(code.replace("http://127.0.0.1:8000", served.url).replace('"final_model"', '"tiny-dlm"'), {})
+    assert capsys.readouterr().out.strip()
+
+
+def test_stable_prefix_never_sends_what_later_tokens_may_change():
+    from dlm.serving.api import stable_prefix
+
+    assert stable_prefix("They said I 'l", 0) == "They said I"  # " 'll" may still lose its space
+    assert stable_prefix("caf\ufffd", 0) == "caf"                  # half a UTF-8 character
+    assert stable_prefix("one two three", 4) == "one two"         # "t" may still grow into a 5-character stop
+    assert stable_prefix("word", 0) == "word"

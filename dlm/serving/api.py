@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -27,6 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from dlm.errors import UsageError
+from dlm.prompts import encode_prompt
 from dlm.sampling import SamplerConfig
 from dlm.serving.engine import Engine, Job, QueueFull
 from dlm.serving.schemas import ChatRequest, CompletionRequest, DenoiseRequest, api_message, echo, request_config
@@ -53,6 +55,15 @@ def error_response(status: int, message: str, param=None, code=None, headers=Non
                                                                                                      "server_error")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
                         status_code=status, headers=headers)
+
+
+def stable_prefix(text: str, hold: int) -> str:
+    """The part of a growing decoded text that later tokens cannot change: not the last `hold` characters
+    (they may start a stop string), not an unfinished UTF-8 character, and nothing from the last whitespace
+    on (decoding cleans up spaces before punctuation and contractions: " 'll" becomes "'ll")."""
+    text = text[:max(len(text) - hold, 0)].rstrip("\ufffd")
+    last_space = re.search(r"\s\S*$", text)
+    return text[:last_space.start()] if last_space else text
 
 
 def sse(payload) -> str:
@@ -128,7 +139,14 @@ def create_app(engine: Engine, defaults: SamplerConfig, model_name: str, chat: b
             raise ApiError(400, api_message(str(err)), param="n") from None
         await wait_until(job, request, lambda: job.admitted)
         if job.error:
-            raise ApiError(400, api_message(job.error))
+            raise ApiError(job.error_status, api_message(job.error))
+
+    def encode(prompts: list) -> list[list[int]]:
+        """Token ids here, on the HTTP side, so that the sampler's thread spends its time stepping."""
+        try:
+            return [encode_prompt(tokenizer, p, chat) for p in prompts]
+        except Exception as err:  # e.g. a chat template that refuses these messages
+            raise ApiError(400, f"cannot encode the prompt: {err}", param="prompt") from None
 
     def usage(job: Job) -> dict:
         mask_id = tokenizer.mask_token_id
@@ -161,9 +179,7 @@ def create_app(engine: Engine, defaults: SamplerConfig, model_name: str, chat: b
                     for c in job.choices:
                         if closed[c.index]:
                             continue
-                        text = c.text
-                        if not c.done:
-                            text = text[:max(len(text) - hold, 0)].rstrip("\ufffd")
+                        text = c.text if c.done else stable_prefix(c.text, hold)
                         if len(text) > len(sent[c.index]) and text.startswith(sent[c.index]):
                             yield sse(chunk(c.index, text[len(sent[c.index]):], None))
                             sent[c.index] = text
@@ -189,7 +205,7 @@ def create_app(engine: Engine, defaults: SamplerConfig, model_name: str, chat: b
     async def generation(body, prompts: list, request: Request, kind: str):
         check_model(body.model)
         cfg = config_of(body)
-        job = Job(prompts=prompts, config=cfg, n=body.n, seed=body.seed, chat=chat, stop=body.stops,
+        job = Job(prompts=encode(prompts), config=cfg, n=body.n, seed=body.seed, stop=body.stops,
                   follow=body.stream)
         try:
             await start(job, request)
@@ -263,7 +279,7 @@ def create_app(engine: Engine, defaults: SamplerConfig, model_name: str, chat: b
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "pass one of `prompt` or `messages`", param="prompt")
         prompt = body.prompt if body.messages is None else [m.as_dict() for m in body.messages]
-        job = Job(prompts=[prompt], config=config_of(body), seed=body.seed, chat=chat, watch=True)
+        job = Job(prompts=encode([prompt]), config=config_of(body), seed=body.seed, watch=True)
         try:
             await start(job, request)
         except ClientGone:

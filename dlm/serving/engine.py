@@ -57,7 +57,9 @@ class Choice:
 
 @dataclass
 class Job:
-    """A request: prompts x n rows with one config; the worker fills it in, the HTTP side reads it."""
+    """A request: prompts x n rows with one config; the worker fills it in, the HTTP side reads it.
+
+    `prompts` are token ids (`dlm.prompts.encode_prompt`), or text/messages encoded with `chat`."""
 
     prompts: list[Prompt]
     config: SamplerConfig
@@ -71,6 +73,7 @@ class Job:
     choices: list[Choice] = field(default_factory=list)
     admitted: bool = False
     error: str | None = None
+    error_status: int = 400    # 400: the request's fault (canvas too long...); 500: ours
     cancelled: bool = False
     t0: float = field(default_factory=time.perf_counter)
     changed: asyncio.Event | None = None
@@ -212,10 +215,13 @@ class Engine:
                 self.owners[row_id] = (job, job.choices[p * job.n + j])
                 if job.watch:  # the blank canvas is the first thing a watcher sees
                     job.choices[p * job.n + j].blank = self.batch.region(row_id)
-        except UsageError as err:
+        except Exception as err:  # a bad request must not take the worker down with it
             for row_id in added:
                 self._leave(row_id)
-            job.error = str(err)
+            job.error = str(err) if isinstance(err, UsageError) else f"internal error: {err}"
+            if not isinstance(err, UsageError):
+                logger.exception("could not admit a request")
+                job.error_status = 500
         job.admitted = True
         job.notify()
 
@@ -231,7 +237,7 @@ class Engine:
 
     def _fail_all(self, message: str) -> None:
         for job, _ in self.owners.values():
-            job.error = message
+            job.error, job.error_status = message, 500
             job.notify()
         self.owners.clear()
         self.settled_len.clear()

@@ -18,7 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -55,8 +55,10 @@ def start(model: str, max_batch_size: int, max_tokens: int) -> tuple[subprocess.
         time.sleep(0.2)
 
 
-def measure(url: str, name: str, prompts: list[str], clients: int, requests: int, max_tokens: int):
-    """(requests/s, latencies in s, answers by prompt) for `clients` threads x `requests` each."""
+def client_threads(url: str, name: str, prompts: list[str], clients: list[int], requests: int, max_tokens: int,
+                   start_at: float) -> tuple[list[float], dict, float]:
+    """One client process: a thread per client, each sending `requests` completions back to back from
+    `start_at` (wall clock) on. Returns latencies, answers by prompt and the time the last one finished."""
     import openai
 
     client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
@@ -70,10 +72,50 @@ def measure(url: str, name: str, prompts: list[str], clients: int, requests: int
             latencies.append(time.perf_counter() - t)
             answers[prompt] = out.choices[0].text
 
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(worker, range(clients)))
-    return clients * requests / (time.perf_counter() - t0), latencies, answers
+    time.sleep(max(0.0, start_at - time.time()))
+    with ThreadPoolExecutor(len(clients)) as pool:
+        list(pool.map(worker, clients))
+    return latencies, answers, time.time()
+
+
+def measure(pool: ProcessPoolExecutor, url: str, name: str, prompts: list[str], clients: int, requests: int,
+            max_tokens: int):
+    """(requests/s, latencies in s, answers by prompt) for `clients` clients spread over the pool's processes
+    (one Python process cannot drive 32 HTTP clients at full speed on its own: its GIL would be the bottleneck)."""
+    procs = pool._max_workers
+    groups = [list(range(clients))[i::procs] for i in range(procs) if list(range(clients))[i::procs]]
+    start_at = time.time() + 0.5  # every process starts together, after its pickling and wake-up
+    parts = [f.result() for f in [pool.submit(client_threads, url, name, prompts, g, requests, max_tokens, start_at)
+                                  for g in groups]]
+    latencies = [x for part in parts for x in part[0]]
+    answers = {k: v for part in parts for k, v in part[1].items()}
+    return clients * requests / (max(part[2] for part in parts) - start_at), latencies, answers
+
+
+def step_scaling(model_dir: str, prompts: list[str], max_tokens: int, sizes=(1, 8, 32), repeats: int = 3) -> None:
+    """The ceiling of batching on this machine: seconds per step of the bare sampler with B rows (no HTTP).
+    B rows per step at t(B) against one row at t(1) can at best serve B * t(1) / t(B) times the requests."""
+    import torch
+
+    from dlm.modeling import load_checkpoint
+    from dlm.sampling import RunningBatch, SamplerConfig, as_denoiser
+
+    model, tokenizer = load_checkpoint(model_dir, dtype=torch.float32)
+    denoiser, cfg = as_denoiser(model.eval()), SamplerConfig(gen_length=max_tokens, stop_at_eos=False).validate()
+    per_step = {}
+    for _ in range(repeats):  # alternate the sizes; keep the best (least disturbed) time of each
+        for size in sizes:
+            batch = RunningBatch(denoiser, tokenizer)
+            for i in range(size):
+                batch.add(prompts[i % len(prompts)], cfg, seed=i)
+            t, steps = time.perf_counter(), 0
+            while batch.step_once():
+                steps += 1
+            per_step[size] = min(per_step.get(size, float("inf")), (time.perf_counter() - t) / steps)
+    print("\n| rows per step | ms per step | ms per row-step | best possible speed-up |\n|---:|---:|---:|---:|")
+    for size in sizes:
+        print(f"| {size} | {1000 * per_step[size]:.1f} | {1000 * per_step[size] / size:.2f} | "
+              f"{size * per_step[sizes[0]] / per_step[size]:.2f}x |")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -88,18 +130,24 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4, help="completions per client, back to back")
     parser.add_argument("--max_tokens", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--client_processes", type=int, default=1, help="processes the clients are spread over")
+    parser.add_argument("--only_step_scaling", action="store_true", help="skip the HTTP measurements")
     args = parser.parse_args()
 
+    if args.only_step_scaling:
+        step_scaling(args.model, prompts_from(args.prompts, 300), args.max_tokens)
+        return
     name = Path(args.model).name
     modes = {"batched": 32, "one-at-a-time": 1}
     servers = {mode: start(args.model, size, args.max_tokens) for mode, size in modes.items()}
     urls = {mode: url for mode, (_, url) in servers.items()}
     prompts = prompts_from(args.prompts, 300)
-    for url in urls.values():  # warm-up: allocator, first forwards
-        measure(url, name, prompts, 4, 2, args.max_tokens)
+    pool = ProcessPoolExecutor(args.client_processes)
+    for url in urls.values():  # warm-up: allocator, first forwards, client processes
+        measure(pool, url, name, prompts, 8, 2, args.max_tokens)
 
     print(f"model {args.model}, max_tokens {args.max_tokens}, {args.requests} requests per client, "
-          f"best of {args.rounds} alternating rounds\n")
+          f"best of {args.rounds} alternating rounds, clients spread over {args.client_processes} processes\n")
     print("| clients | server | requests/s | p50 latency (s) | p95 latency (s) | speed-up |")
     print("|---:|---|---:|---:|---:|---:|")
     same = True
@@ -107,7 +155,8 @@ def main() -> None:
         best = {}
         for _ in range(args.rounds):
             for mode in modes:  # alternate, so that load from other jobs hits both alike
-                rps, lat, answers = measure(urls[mode], name, prompts, clients, args.requests, args.max_tokens)
+                rps, lat, answers = measure(pool, urls[mode], name, prompts, clients, args.requests,
+                                            args.max_tokens)
                 if mode not in best or rps > best[mode][0]:
                     best[mode] = (rps, lat, answers)
         common = best["batched"][2].keys() & best["one-at-a-time"][2].keys()
@@ -123,6 +172,7 @@ def main() -> None:
     for proc, _ in servers.values():
         proc.terminate()
         proc.wait(timeout=30)
+    step_scaling(args.model, prompts, args.max_tokens)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ caches the prompt's keys/values can replace `ModelDenoiser` without touching the
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,83 +34,9 @@ import torch
 from dlm.errors import UsageError
 from dlm.policies import choose_candidates, commit_mask, confidences, entropy, fixed_step_schedule
 from dlm.prompts import Prompt, encode_prompt, stop_ids_for
+from dlm.sampler_config import STRATEGIES, SamplerConfig  # noqa: F401 (re-exported: the sampler's settings)
 
 logger = logging.getLogger(__name__)
-
-STRATEGIES = ("low_confidence", "random", "margin", "entropy")
-
-
-@dataclass
-class SamplerConfig:
-    """How to denoise. Field errors name the inference.py flag (`steps` is `--num_steps`)."""
-
-    gen_length: int = 128           # masks appended after the prompt
-    seq_len: int | None = None      # total canvas instead: each prompt gets seq_len - len(prompt) masks
-    steps: int | None = None        # fixed-step budget over all blocks; None = one commit per step
-    block_length: int | None = None  # semi-autoregressive block size; None = one block
-    strategy: str = "low_confidence"
-    threshold: float | None = None       # τ: parallel decoding by confidence
-    entropy_bound: float | None = None   # γ: parallel decoding by summed entropy
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    cfg_scale: float = 0.0
-    stop_at_eos: bool = True
-
-    @property
-    def adaptive(self) -> bool:
-        """True when the number of forward passes adapts (threshold or entropy bound)."""
-        return self.threshold is not None or self.entropy_bound is not None
-
-    def validate(self) -> SamplerConfig:
-        """Check every field on its own, and the block layout when the generated length is known."""
-        if self.seq_len is not None and self.seq_len < 1:
-            raise UsageError(f"--seq_len must be at least 1, got {self.seq_len}")
-        if self.gen_length < 0:
-            raise UsageError(f"--gen_length must be at least 0, got {self.gen_length}")
-        if self.steps is not None and self.steps < 1:
-            raise UsageError(f"--num_steps must be at least 1, got {self.steps}")
-        if self.block_length is not None and self.block_length < 1:
-            raise UsageError(f"--block_length must be at least 1, got {self.block_length}")
-        if self.strategy not in STRATEGIES:
-            raise UsageError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        if self.threshold is not None and not 0 < self.threshold <= 1:
-            raise UsageError(f"--threshold must be in (0, 1], got {self.threshold}")
-        if self.entropy_bound is not None and self.entropy_bound <= 0:
-            raise UsageError(f"--entropy_bound must be positive, got {self.entropy_bound}")
-        if self.threshold is not None and self.entropy_bound is not None:
-            raise UsageError("--threshold and --entropy_bound are two commit rules: pass one of them")
-        if self.threshold is not None and self.strategy == "random":
-            raise UsageError("--threshold needs a confidence: use --strategy low_confidence, margin or entropy")
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise UsageError(f"--temperature must be a finite number ≥ 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise UsageError(f"--top_k must be at least 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise UsageError(f"--top_p must be in (0, 1], got {self.top_p}")
-        if self.cfg_scale < 0:
-            raise UsageError(f"--cfg_scale must be ≥ 0, got {self.cfg_scale}")
-        if self.seq_len is None and self.gen_length > 0:
-            self.layout(self.gen_length)
-        return self
-
-    def layout(self, region_length: int, where: str = "") -> tuple[int, int, int]:
-        """(block_length, number of blocks, steps per block) for a region of `region_length` positions.
-
-        The last block may be shorter when `block_length` does not divide the region; steps must
-        spread evenly over the blocks, as in the reference sampler.
-        """
-        block = self.block_length or region_length
-        if block > region_length:
-            raise UsageError(f"--block_length {block} is larger than the generated length {region_length}{where}")
-        n_blocks = -(-region_length // block)
-        steps = self.steps if self.steps is not None else n_blocks * block
-        if steps % n_blocks:
-            lower = max(n_blocks, steps // n_blocks * n_blocks)
-            raise UsageError(f"--num_steps {steps} does not divide over {n_blocks} blocks of {block} "
-                             f"(generated length {region_length}{where}): use a multiple of {n_blocks}, "
-                             f"such as {lower} or {lower + n_blocks}")
-        return block, n_blocks, steps // n_blocks
 
 
 @dataclass
@@ -150,8 +75,9 @@ class Denoiser:
 
     `logits(canvas [B, L], attention_mask [B, L], select [B, L] bool, rows [B])` returns [N, V] float
     logits for the selected positions in row-major order. `rows` says which rows of the generation
-    batch these are (with classifier-free guidance the unconditional copies are numbered B..2B-1), so a
-    subclass can keep per-row state such as a prompt key/value cache between calls.
+    batch these are (with classifier-free guidance an unconditional copy has an id of its own), so a
+    subclass can keep per-row state such as a prompt key/value cache between calls. Ids are unique for the
+    sampler's lifetime (rows join and leave a running batch in the server); `forget` is told when they leave.
     """
 
     device: torch.device
@@ -160,6 +86,9 @@ class Denoiser:
     def logits(self, canvas: torch.Tensor, attention_mask: torch.Tensor, select: torch.Tensor,
                rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def forget(self, rows: list[int]) -> None:
+        """These row ids left the batch for good: drop any state kept for them (a no-op here)."""
 
 
 class ModelDenoiser(Denoiser):
@@ -182,9 +111,15 @@ class ModelDenoiser(Denoiser):
 # ---------------------------------------------------------------------------------------------------------
 # The sampler
 
+_BATCH_TENSORS = {"canvas": torch.long, "attention": torch.long, "block_of": torch.long, "tail": torch.bool,
+                  "fixed": torch.bool}
+_PADDING = {"attention": 0, "block_of": -1, "tail": False, "fixed": False}  # the canvas pads with pad_id
+
 
 @dataclass
 class _Row:
+    id: int              # unique for the sampler's lifetime: the Denoiser's `rows` and `release` name it
+    cfg: SamplerConfig   # this row's own settings (rows of one batch may differ)
     prompt_len: int      # region start: first mask position
     length: int          # canvas length of this row
     tail_start: int      # after the last fixed token: early stop may fill from here on
@@ -193,6 +128,8 @@ class _Row:
     steps_per_block: int
     total_masks: int
     generator: torch.Generator
+    t0: float = 0.0      # when the row joined
+    uncond_id: int | None = None  # id of its unconditional copy (classifier-free guidance), given on first use
     block_index: int = 0
     step_in_block: int = 0
     schedule: list[int] | None = None
@@ -231,93 +168,149 @@ def _generate_batch(model, tokenizer, prompts: list[Prompt], cfg: SamplerConfig,
                     return_history: bool, on_step) -> list[SampleResult]:
     if not prompts:
         return []
-    denoiser = model if isinstance(model, Denoiser) else ModelDenoiser(model)
+    denoiser = as_denoiser(model)
     was_training = getattr(model, "training", False)
     if was_training:
         model.eval()  # dropout would make "committed by confidence" meaningless
     try:
-        return _Sampler(denoiser, tokenizer, prompts, cfg, chat, seed, return_history, on_step).run()
+        sampler = _Sampler(denoiser, tokenizer, on_step)
+        for i, prompt in enumerate(prompts):
+            sampler.add(prompt, cfg, chat=chat, seed=seed + i, return_history=return_history,
+                        where=f" (prompt {i + 1})" if len(prompts) > 1 else "")
+        return sampler.run()
     finally:
         if was_training:
             model.train()
 
 
+def as_denoiser(model) -> Denoiser:
+    """`model` itself when it is a Denoiser, else a full-forward `ModelDenoiser` around it."""
+    return model if isinstance(model, Denoiser) else ModelDenoiser(model)
+
+
 class _Sampler:
-    def __init__(self, denoiser: Denoiser, tokenizer, prompts, cfg: SamplerConfig, chat, seed,
-                 return_history, on_step):
-        self.denoiser, self.tokenizer, self.cfg, self.on_step = denoiser, tokenizer, cfg, on_step
+    """A running batch of rows, each with its own settings, generator and progress.
+
+    `add` puts a row in (at a step boundary: between two `step_once` calls), `step_once` runs one
+    forward pass shared by every unfinished row and lets each row commit by its own rule, `release`
+    takes a row out (finished or abandoned). `generate` adds all its prompts, then steps until every
+    row is done; the server adds and releases rows while the batch runs (DESIGN §4 "Serving"). A row's
+    tokens never depend on its neighbours: padding keeps positions, decisions are per row.
+    """
+
+    def __init__(self, denoiser: Denoiser, tokenizer, on_step: Callable[[StepEvent], None] | None = None):
+        self.denoiser, self.tokenizer, self.on_step = denoiser, tokenizer, on_step
         mask_id = tokenizer.mask_token_id
         if mask_id is None:
             raise UsageError("the tokenizer has no mask token, so it cannot be used as a masked diffusion model")
         self.mask_id = mask_id
         self.stop_ids = stop_ids_for(tokenizer)
         self.fill_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else mask_id
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.fill_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.fill_id
         device = denoiser.device
-
-        canvases, self.rows = [], []
-        for i, prompt in enumerate(prompts):
-            ids = encode_prompt(tokenizer, prompt, chat)
-            where = f" (prompt {i + 1})" if len(prompts) > 1 else ""
-            if cfg.seq_len is not None:
-                n_gen = cfg.seq_len - len(ids)
-                if n_gen < 1:
-                    raise UsageError(f"--seq_len {cfg.seq_len} leaves no room to generate: the prompt{where} "
-                                     f"is {len(ids)} tokens; use a larger --seq_len or --gen_length")
-            else:
-                n_gen = cfg.gen_length
-            row_ids = ids + [mask_id] * n_gen
-            is_mask = [t == mask_id for t in row_ids]
-            if not any(is_mask):
-                raise UsageError(f"nothing to generate{where}: --gen_length is 0 and the prompt has no [MASK*n] span")
-            if denoiser.max_positions and len(row_ids) > denoiser.max_positions:
-                if len(ids) >= denoiser.max_positions:  # no --seq_len/--gen_length could help: blame the prompt
-                    raise UsageError(f"the prompt{where} is {len(ids)} tokens and the model has "
-                                     f"{denoiser.max_positions} positions: no room left to generate, shorten the prompt")
-                raise UsageError(f"canvas of {len(row_ids)} tokens{where} ({len(ids)} prompt + {n_gen} generated) "
-                                 f"exceeds the model's {denoiser.max_positions} positions: lower --seq_len/--gen_length "
-                                 f"to at most {denoiser.max_positions - len(ids)} generated tokens")
-            start = is_mask.index(True)
-            fixed_after = [j for j in range(start, len(row_ids)) if not is_mask[j]]
-            block, n_blocks, spb = cfg.layout(len(row_ids) - start, where)
-            gen = torch.Generator(device=device).manual_seed(seed + i)
-            self.rows.append(_Row(prompt_len=start, length=len(row_ids),
-                                  tail_start=(fixed_after[-1] + 1) if fixed_after else start,
-                                  block=block, n_blocks=n_blocks, steps_per_block=spb,
-                                  total_masks=sum(is_mask), generator=gen,
-                                  history=[] if return_history else None))
-            canvases.append(row_ids)
-
-        width = max(len(c) for c in canvases)
-        B = len(canvases)
-        self.canvas = torch.full((B, width), pad_id, dtype=torch.long)
-        self.attention = torch.zeros((B, width), dtype=torch.long)
-        self.block_of = torch.full((B, width), -1, dtype=torch.long)  # block index, -1 outside the region
-        self.tail = torch.zeros((B, width), dtype=torch.bool)          # where early stop may fill EOS
-        for b, (ids, row) in enumerate(zip(canvases, self.rows)):
-            n = len(ids)
-            self.canvas[b, :n] = torch.tensor(ids)
-            self.attention[b, :n] = 1
-            self.block_of[b, row.prompt_len:n] = torch.arange(n - row.prompt_len) // row.block
-            self.tail[b, row.tail_start:n] = True
-        self.fixed = (self.canvas != mask_id) & self.attention.bool()
-        self.canvas, self.attention, self.block_of, self.tail, self.fixed = (
-            t.to(device) for t in (self.canvas, self.attention, self.block_of, self.tail, self.fixed))
+        self.rows: list[_Row] = []
+        # Batch tensors [rows, longest row]: canvas, attention, block index (-1 outside the region),
+        # where early stop may fill EOS, and the tokens given (never generated). Rows join via `_append`.
+        for name, dtype in _BATCH_TENSORS.items():
+            setattr(self, name, torch.zeros((0, 0), dtype=dtype, device=device))
         self.stop_tensor = torch.tensor(self.stop_ids, dtype=torch.long, device=device)
-        self.passes = 2 if cfg.cfg_scale > 0 else 1
-        self.t0 = time.perf_counter()
         self.step = 0
+        self._next_id = 0
+
+    @torch.inference_mode()
+    def add(self, prompt: Prompt, cfg: SamplerConfig, *, chat: bool = True, seed: int | None = None,
+            generator: torch.Generator | None = None, return_history: bool = False, where: str = "") -> int:
+        """Put one row in the batch (it takes part from the next step on) and return its id.
+
+        `cfg` must be validated; randomness comes from `generator`, else a new one seeded `seed`.
+        A `UsageError` (canvas too long, nothing to generate, bad block layout) leaves the batch unchanged.
+        """
+        mask_id = self.mask_id
+        ids = encode_prompt(self.tokenizer, prompt, chat)
+        if cfg.seq_len is not None:
+            n_gen = cfg.seq_len - len(ids)
+            if n_gen < 1:
+                raise UsageError(f"--seq_len {cfg.seq_len} leaves no room to generate: the prompt{where} "
+                                 f"is {len(ids)} tokens; use a larger --seq_len or --gen_length")
+        else:
+            n_gen = cfg.gen_length
+        row_ids = ids + [mask_id] * n_gen
+        is_mask = [t == mask_id for t in row_ids]
+        if not any(is_mask):
+            raise UsageError(f"nothing to generate{where}: --gen_length is 0 and the prompt has no [MASK*n] span")
+        limit = self.denoiser.max_positions
+        if limit and len(row_ids) > limit:
+            if len(ids) >= limit:  # no --seq_len/--gen_length could help: blame the prompt
+                raise UsageError(f"the prompt{where} is {len(ids)} tokens and the model has {limit} positions: "
+                                 f"no room left to generate, shorten the prompt")
+            raise UsageError(f"canvas of {len(row_ids)} tokens{where} ({len(ids)} prompt + {n_gen} generated) "
+                             f"exceeds the model's {limit} positions: lower --seq_len/--gen_length "
+                             f"to at most {limit - len(ids)} generated tokens")
+        start = is_mask.index(True)
+        fixed_after = [j for j in range(start, len(row_ids)) if not is_mask[j]]
+        block, n_blocks, spb = cfg.layout(len(row_ids) - start, where)
+        if generator is None:
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, ()).item())
+            generator = torch.Generator(device=self.denoiser.device).manual_seed(seed)
+        row = _Row(id=self._next_id, cfg=cfg, prompt_len=start, length=len(row_ids),
+                   tail_start=(fixed_after[-1] + 1) if fixed_after else start,
+                   block=block, n_blocks=n_blocks, steps_per_block=spb,
+                   total_masks=sum(is_mask), generator=generator, t0=time.perf_counter(),
+                   history=[] if return_history else None)
+        self._next_id += 1
+        self._append(row_ids, row)
         if return_history:
-            for b, row in enumerate(self.rows):
-                row.history.append(self._region(b))
+            row.history.append(self._region(len(self.rows) - 1))
+        return row.id
+
+    def _append(self, ids: list[int], row: _Row) -> None:
+        """One more row in the batch tensors, every row right-padded to the longest."""
+        pos = torch.arange(len(ids), device=self.canvas.device)
+        canvas = torch.tensor(ids, device=self.canvas.device)
+        new = {"canvas": canvas, "attention": torch.ones_like(canvas), "tail": pos >= row.tail_start,
+               "block_of": torch.where(pos >= row.prompt_len, (pos - row.prompt_len) // row.block, -1),
+               "fixed": canvas != self.mask_id}
+        width = max(self.canvas.shape[1], len(ids))
+        for name, value in new.items():
+            old, fill = getattr(self, name), self.pad_id if name == "canvas" else _PADDING[name]
+            pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[-1]), value=fill)  # noqa: E731
+            setattr(self, name, torch.cat([pad(old), pad(value)[None]]))
+        self.rows.append(row)
+
+    @torch.inference_mode()
+    def release(self, row_id: int) -> None:
+        """Take a row out of the batch (finished, or its client left); the others keep their state."""
+        b = self.index(row_id)
+        row = self.rows.pop(b)
+        keep = torch.tensor([i for i in range(len(self.rows) + 1) if i != b], dtype=torch.long,
+                            device=self.canvas.device)
+        width = max((r.length for r in self.rows), default=0)  # shrink to the longest remaining row
+        for name in _BATCH_TENSORS:
+            setattr(self, name, getattr(self, name)[keep, :width])
+        self.denoiser.forget([row.id] + ([row.uncond_id] if row.uncond_id is not None else []))
+
+    def index(self, row_id: int) -> int:
+        """Position of a row in the batch tensors (positions shift when rows leave)."""
+        for b, row in enumerate(self.rows):
+            if row.id == row_id:
+                return b
+        raise KeyError(row_id)
 
     def _region(self, b: int) -> list[int]:
         row = self.rows[b]
         return self.canvas[b, row.prompt_len:row.length].tolist()
 
+    def region(self, row_id: int) -> list[int]:
+        return self._region(self.index(row_id))
+
+    def result(self, row_id: int) -> SampleResult:
+        """A row's generation so far (final once the row is done)."""
+        return self._result(self.index(row_id))
+
     def _finish(self, row: _Row) -> None:
         row.done = True
-        row.seconds = time.perf_counter() - self.t0
+        row.seconds = time.perf_counter() - row.t0
 
     def _advance(self) -> None:
         """Move each row past finished blocks; in fixed-step mode, past steps that commit nothing."""
@@ -334,7 +327,7 @@ class _Sampler:
                     row.block_index += 1
                     row.schedule, row.step_in_block = None, 0
                     moved = True
-                elif not self.cfg.adaptive:
+                elif not row.cfg.adaptive:
                     if row.schedule is None:  # schedule fixed by the masks present when the block starts
                         row.schedule = fixed_step_schedule(m, row.steps_per_block)
                     # A zero-commit step would leave the canvas unchanged: skip its forward pass.
@@ -343,38 +336,92 @@ class _Sampler:
             if not moved:
                 return
 
+    @torch.inference_mode()
+    def step_once(self) -> bool:
+        """One denoising step for every unfinished row; False (and no forward pass) when none is left."""
+        self._advance()
+        active = [b for b, r in enumerate(self.rows) if not r.done]
+        if not active:
+            return False
+        self._step(active)
+        self.step += 1
+        return True
+
     def run(self) -> list[SampleResult]:
-        while True:
-            self._advance()
-            active = [b for b, r in enumerate(self.rows) if not r.done]
-            if not active:
-                break
-            self._step(active)
-            self.step += 1
+        while self.step_once():
             if self.on_step is not None:
                 self.on_step(self._event())
         return [self._result(b) for b in range(len(self.rows))]
 
+    def _logits(self, active: list[int], idx: torch.Tensor, canvas: torch.Tensor, attention: torch.Tensor,
+                select: torch.Tensor) -> torch.Tensor:
+        """[N, V] float logits at the selected positions; rows with guidance get
+        u + (w + 1) * (c - u) from an unconditional copy that shares the same forward pass."""
+        rows, width = self.rows, canvas.shape[1]
+        ids = torch.tensor([rows[b].id for b in active], device=canvas.device)
+        guided = [j for j, b in enumerate(active) if rows[b].cfg.cfg_scale > 0]
+        if not guided:
+            return self.denoiser.logits(canvas, attention, select, ids).float()
+        for j in guided:
+            if rows[active[j]].uncond_id is None:
+                rows[active[j]].uncond_id, self._next_id = self._next_id, self._next_id + 1
+        g = torch.tensor(guided, device=canvas.device)
+        # Unconditional copy: every fixed token (the prompt) masked, as in the reference.
+        uncond = canvas[g].masked_fill(self.fixed[idx[g], :width], self.mask_id)
+        uncond_ids = torch.tensor([rows[active[j]].uncond_id for j in guided], device=canvas.device)
+        both = self.denoiser.logits(torch.cat([canvas, uncond]), torch.cat([attention, attention[g]]),
+                                    torch.cat([select, select[g]]), torch.cat([ids, uncond_ids])).float()
+        n = int(select.sum())
+        cond, unc = both[:n], both[n:]
+        counts = select.sum(1)  # per row; expanded to one entry per selected position, row-major
+        factor = torch.tensor([rows[b].cfg.cfg_scale + 1 for b in active], device=canvas.device)
+        factor = factor.repeat_interleave(counts)
+        is_guided = torch.tensor([rows[b].cfg.cfg_scale > 0 for b in active], device=canvas.device)
+        is_guided = is_guided.repeat_interleave(counts)
+        cond[is_guided] = unc + factor[is_guided, None] * (cond[is_guided] - unc)
+        return cond
+
     def _step(self, active: list[int]) -> None:
-        cfg, rows = self.cfg, self.rows
+        rows = self.rows
         idx = torch.tensor(active, device=self.canvas.device)
         width = max(rows[b].length for b in active)
         canvas = self.canvas[idx, :width]
         attention = self.attention[idx, :width]
         current = torch.tensor([rows[b].block_index for b in active], device=canvas.device)
         select = (canvas == self.mask_id) & (self.block_of[idx, :width] == current[:, None])
-
-        if cfg.cfg_scale > 0:
-            # Unconditional copy: every fixed token (the prompt) masked, as in the reference.
-            uncond = canvas.masked_fill(self.fixed[idx, :width], self.mask_id)
-            both = self.denoiser.logits(torch.cat([canvas, uncond]), torch.cat([attention, attention]),
-                                        torch.cat([select, select]), torch.cat([idx, idx + len(rows)])).float()
-            cond, unc = both.chunk(2)
-            logits = unc + (cfg.cfg_scale + 1) * (cond - unc)
-        else:
-            logits = self.denoiser.logits(canvas, attention, select, idx).float()
+        logits = self._logits(active, idx, canvas, attention, select)
         logits[:, self.mask_id] = float("-inf")  # committing a mask would leave the position undecided
 
+        # Rows with the same decision settings decide together; each draws from its own generator.
+        groups: dict[tuple, list[int]] = {}
+        for j, b in enumerate(active):
+            groups.setdefault(_decision_key(rows[b].cfg), []).append(j)
+        if len(groups) == 1:
+            canvas = self._decide(rows[active[0]].cfg, active, canvas, select, logits, width)
+        else:
+            owner = torch.arange(len(active), device=canvas.device).repeat_interleave(select.sum(1))
+            for members in groups.values():
+                m = torch.tensor(members, device=canvas.device)
+                sub = [active[j] for j in members]
+                canvas[m] = self._decide(rows[sub[0]].cfg, sub, canvas[m], select[m],
+                                         logits[torch.isin(owner, m)], width)
+        self.canvas[idx, :width] = canvas
+
+        complete = ~(canvas == self.mask_id).any(1)
+        for b, finished in zip(active, complete.tolist()):
+            row = rows[b]
+            row.nfe += 2 if row.cfg.cfg_scale > 0 else 1
+            row.steps += 1
+            if not row.cfg.adaptive:
+                row.step_in_block += 1
+            if row.history is not None:
+                row.history.append(self._region(b))
+            if finished and not row.done:
+                self._finish(row)
+
+    def _decide(self, cfg: SamplerConfig, active: list[int], canvas: torch.Tensor, select: torch.Tensor, logits: torch.Tensor, width: int) -> torch.Tensor:
+        """Candidates, confidences and commits for rows sharing one set of decision settings."""
+        rows = self.rows
         per_row = select.sum(1).tolist()
         noise = uniform = None
         if cfg.temperature > 0:
@@ -407,19 +454,7 @@ class _Sampler:
         canvas = torch.where(commit, proposal, canvas)
         if cfg.stop_at_eos and self.stop_ids:
             canvas = self._early_stop(canvas, active, width)
-        self.canvas[idx, :width] = canvas
-
-        complete = ~(canvas == self.mask_id).any(1)
-        for b, finished in zip(active, complete.tolist()):
-            row = rows[b]
-            row.nfe += self.passes
-            row.steps += 1
-            if not cfg.adaptive:
-                row.step_in_block += 1
-            if row.history is not None:
-                row.history.append(self._region(b))
-            if finished and not row.done:
-                self._finish(row)
+        return canvas
 
     def _early_stop(self, canvas: torch.Tensor, active: list[int], width: int) -> torch.Tensor:
         """Rows whose first generated stop token has only decided positions before it: fill the rest
@@ -455,3 +490,12 @@ class _Sampler:
         decided = sum(1 for t, g in zip(output, generated) if g and t != self.mask_id)
         return SampleResult(prompt_ids=ids[:row.prompt_len], output_ids=output, text=text, nfe=row.nfe,
                             steps=row.steps, seconds=row.seconds, num_generated=decided, history=row.history)
+
+
+def _decision_key(cfg: SamplerConfig) -> tuple:
+    """The settings that shape a step's decisions (layout and guidance live in the row)."""
+    return (cfg.strategy, cfg.threshold, cfg.entropy_bound, cfg.temperature, cfg.top_k, cfg.top_p, cfg.stop_at_eos)
+
+
+# The public name of the running batch that the server drives step by step.
+RunningBatch = _Sampler

@@ -26,6 +26,7 @@ LAYERS = {
     "dlm.checkpoints": 5,
     "dlm.prompts": 3,
     "dlm.policies": 3,
+    "dlm.sampler_config": 3,
     "dlm.sampling": 5,
     "dlm.cache": 5,
     "dlm.evaluation": 6,

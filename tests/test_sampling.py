@@ -11,7 +11,7 @@ from dlm.errors import UsageError
 from dlm.modeling import build_from_scratch
 from dlm.policies import choose_candidates, filter_logits, fixed_step_schedule
 from dlm.prompts import encode_prompt
-from dlm.sampling import Denoiser, ModelDenoiser, SamplerConfig, generate
+from dlm.sampling import Denoiser, ModelDenoiser, RunningBatch, SamplerConfig, as_denoiser, generate
 from dlm.tokenization import special_ids
 
 PROMPTS = ["What is the sum of 12 and 30?", "Hi", "The king spoke to the people about bread and the sea."]
@@ -357,6 +357,46 @@ def test_denoiser_seam_receives_only_block_masks(model, tokenizer):
         for r in range(select.shape[0]):
             cols = select[r].nonzero().flatten().tolist()
             assert 1 <= len(cols) <= 4 and cols[-1] - cols[0] < 4
+
+
+def test_rows_join_a_running_batch_and_leave_with_their_own_settings(confident_model, tokenizer):
+    """The server's use: rows with different settings join at step boundaries and leave when done; each
+    gets exactly the tokens, NFE and steps of its own unbatched generate() call."""
+    configs = [SamplerConfig(gen_length=16, block_length=8, steps=8, stop_at_eos=False),
+               SamplerConfig(gen_length=12, threshold=0.5),
+               SamplerConfig(gen_length=16, temperature=0.8, top_p=0.9),
+               SamplerConfig(gen_length=8, block_length=4, steps=4, cfg_scale=1.0, stop_at_eos=False),
+               SamplerConfig(gen_length=10, strategy="margin", entropy_bound=1.0)]
+    solo = [generate(confident_model, tokenizer, [PROMPTS[i % 3]], cfg, seed=5 + i)[0] for i, cfg in enumerate(configs)]
+    forgotten = []
+
+    class Recording(ModelDenoiser):
+        def forget(self, rows):
+            forgotten.extend(rows)
+
+    batch = RunningBatch(Recording(confident_model), tokenizer)
+    joins, names, results, step, widths = {0: [0, 4], 2: [1, 2], 5: [3]}, {}, {}, 0, set()
+    while len(results) < len(configs):
+        for i in joins.get(step, []):
+            names[batch.add(PROMPTS[i % 3], configs[i].validate(), seed=5 + i)] = i
+        batch.step_once()
+        step += 1
+        widths.add(len(batch.rows))
+        for row in [r for r in batch.rows if r.done]:
+            results[names[row.id]] = batch.result(row.id)
+            batch.release(row.id)
+    assert max(widths) >= 3  # rows really shared steps
+    for i, expected in enumerate(solo):
+        got = results[i]
+        assert (got.output_ids, got.text, got.nfe, got.steps) == (expected.output_ids, expected.text,
+                                                                   expected.nfe, expected.steps), i
+    assert batch.rows == [] and batch.canvas.shape == (0, 0)
+    assert sorted(forgotten) == list(range(len(configs) + 1))  # every row id and the guided row's copy
+
+
+def test_as_denoiser_keeps_a_denoiser(model):
+    wrapped = as_denoiser(model)
+    assert isinstance(wrapped, ModelDenoiser) and as_denoiser(wrapped) is wrapped
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dlm.cache import MODES as PROMPT_CACHE_MODES
+from dlm.cache import select_denoiser
 from dlm.errors import UsageError
 from dlm.policies import choose_candidates, commit_mask, confidences, entropy, fixed_step_schedule
 from dlm.prompts import Prompt, encode_prompt, stop_ids_for
@@ -57,6 +59,7 @@ class SamplerConfig:
     top_p: float | None = None
     cfg_scale: float = 0.0
     stop_at_eos: bool = True
+    prompt_cache: str = "auto"      # auto | off | exact | approx: the denoiser (dlm.cache.select_denoiser)
 
     @property
     def adaptive(self) -> bool:
@@ -91,6 +94,8 @@ class SamplerConfig:
             raise UsageError(f"--top_p must be in (0, 1], got {self.top_p}")
         if self.cfg_scale < 0:
             raise UsageError(f"--cfg_scale must be ≥ 0, got {self.cfg_scale}")
+        if self.prompt_cache not in PROMPT_CACHE_MODES:
+            raise UsageError(f"--prompt_cache must be one of {', '.join(PROMPT_CACHE_MODES)}, got {self.prompt_cache!r}")
         if self.seq_len is None and self.gen_length > 0:
             self.layout(self.gen_length)
         return self
@@ -151,7 +156,8 @@ class Denoiser:
     `logits(canvas [B, L], attention_mask [B, L], select [B, L] bool, rows [B])` returns [N, V] float
     logits for the selected positions in row-major order. `rows` says which rows of the generation
     batch these are (with classifier-free guidance the unconditional copies are numbered B..2B-1), so a
-    subclass can keep per-row state such as a prompt key/value cache between calls.
+    subclass can keep per-row state such as a prompt key/value cache between calls. Any object with
+    `device`, `max_positions` and `logits` is a denoiser (the prompt-cached ones of `dlm.cache` are).
     """
 
     device: torch.device
@@ -231,7 +237,11 @@ def _generate_batch(model, tokenizer, prompts: list[Prompt], cfg: SamplerConfig,
                     return_history: bool, on_step) -> list[SampleResult]:
     if not prompts:
         return []
-    denoiser = model if isinstance(model, Denoiser) else ModelDenoiser(model)
+    if isinstance(model, torch.nn.Module):  # a masked LM: the denoiser follows --prompt_cache and the model
+        denoiser = select_denoiser(model, cfg.prompt_cache, tokenizer.mask_token_id, cfg.block_length)
+        denoiser = denoiser or ModelDenoiser(model)
+    else:
+        denoiser = model
     was_training = getattr(model, "training", False)
     if was_training:
         model.eval()  # dropout would make "committed by confidence" meaningless

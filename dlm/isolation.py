@@ -100,3 +100,16 @@ def isolation_attention_mask(model: torch.nn.Module, input_ids: torch.Tensor, pr
         return {"full_attention": create_bidirectional_mask(**kwargs),
                 "sliding_attention": create_bidirectional_sliding_window_mask(**kwargs)}
     return create_bidirectional_mask(**kwargs)
+
+
+def batch_isolation_mask(model: torch.nn.Module, input_ids: torch.Tensor, maskable: torch.Tensor, pretrain: bool,
+                         generator: torch.Generator, world: int = 1, rank: int = 0):
+    """The isolation mask of a training batch: SFT rows split before their last answer run, pretraining rows
+    at split points drawn for the global batch of `world` ranks (this rank keeps its rows, so every rank and
+    a resumed run draw the same ones)."""
+    b, length = input_ids.shape
+    if pretrain:
+        split = random_prompt_lengths(world * b, length, generator)[rank * b:(rank + 1) * b]
+    else:
+        split = prompt_lengths(maskable)
+    return isolation_attention_mask(model, input_ids, split.to(input_ids.device))

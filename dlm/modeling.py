@@ -201,6 +201,9 @@ def load_checkpoint(path: str, hf_model_name: str | None = None, dtype: torch.dt
         tokenizer = load_tokenizer(hf_model_name)
         model = load_masked_lm(hf_model_name, tokenizer, flag="--hf_model_name")
         load_weights_strict(model, p, flag=flag)
+        record = p.parent / "dlm.json"  # the training record next to the weights (e.g. prompt isolation)
+        if record.is_file() and json.loads(record.read_text()).get("prompt_isolation"):
+            model.config.prompt_isolation = True
         if dtype is not None:
             model = model.to(dtype)
         return model, tokenizer

@@ -132,7 +132,7 @@ def isolated_model(tokenizer):
 PROMPTS = ["What is 12+7?", "Write the sum of 1234 and 4321, then say whether the result is even or odd. Answer:"]
 
 
-@pytest.mark.parametrize("rule", [dict(steps=6), dict(threshold=None)])
+@pytest.mark.parametrize("rule", [dict(steps=6), dict(threshold=None), dict(steps=6, cfg_scale=1.0)])
 def test_generate_same_tokens_with_exact_cache_and_without(isolated_model, tokenizer, rule):
     def sample(cache):
         cfg = SamplerConfig(gen_length=12, block_length=4, prompt_cache=cache, **rule)
@@ -154,7 +154,8 @@ def test_generate_same_tokens_with_exact_cache_and_without(isolated_model, token
     assert isinstance(denoiser, PromptCacheDenoiser) and denoiser.mode == "exact"
     again = generate(denoiser, tokenizer, PROMPTS, SamplerConfig(gen_length=12, block_length=4, **rule), seed=0)
     assert [r.output_ids for r in again] == [r.output_ids for r in off]
-    assert denoiser.refreshed_rows == 2 and denoiser.cached_rows > 2
+    copies = 2 if rule.get("cfg_scale") else 1  # guidance adds an unconditional copy of each row
+    assert denoiser.refreshed_rows == 2 * copies and denoiser.cached_rows > 2 * copies
 
 
 def test_approx_equals_off_when_every_step_starts_a_block_and_exact_is_refused(tokenizer, isolated_model):

@@ -94,8 +94,8 @@ def isolation_attention_mask(model: torch.nn.Module, input_ids: torch.Tensor, pr
 
     dtype = next(base.parameters()).dtype
     shape_only = torch.empty((*input_ids.shape, 1), dtype=dtype, device=input_ids.device)  # only shape/dtype read
-    kwargs = dict(config=config, inputs_embeds=shape_only, attention_mask=attention_mask,
-                  and_mask_function=prompt_sees_only_prompt)
+    kwargs = {"config": config, "inputs_embeds": shape_only, "attention_mask": attention_mask,
+              "and_mask_function": prompt_sees_only_prompt}
     if type(base).__name__ == "ModernBertForMaskedLM":
         return {"full_attention": create_bidirectional_mask(**kwargs),
                 "sliding_attention": create_bidirectional_sliding_window_mask(**kwargs)}

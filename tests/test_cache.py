@@ -23,11 +23,17 @@ WINDOW = 4  # ModernBERT local_attention 8: each local layer sees 4 positions ei
 
 
 def encoder(kind: str, vocab: int, pad_id: int, isolated: bool = True) -> torch.nn.Module:
-    from transformers import (BertConfig, BertForMaskedLM, ModernBertConfig, ModernBertForMaskedLM, RobertaConfig,
-                              RobertaForMaskedLM)
+    from transformers import (
+        BertConfig,
+        BertForMaskedLM,
+        ModernBertConfig,
+        ModernBertForMaskedLM,
+        RobertaConfig,
+        RobertaForMaskedLM,
+    )
 
     torch.manual_seed(0)
-    small = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_attention_heads=2, pad_token_id=pad_id)
+    small = {"vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "pad_token_id": pad_id}
     if kind == "modernbert":  # layers: global, local, local
         model = ModernBertForMaskedLM(ModernBertConfig(**small, num_hidden_layers=3, global_attn_every_n_layers=3,
                                                        local_attention=2 * WINDOW, max_position_embeddings=256,
@@ -132,7 +138,7 @@ def isolated_model(tokenizer):
 PROMPTS = ["What is 12+7?", "Write the sum of 1234 and 4321, then say whether the result is even or odd. Answer:"]
 
 
-@pytest.mark.parametrize("rule", [dict(steps=6), dict(threshold=None), dict(steps=6, cfg_scale=1.0)])
+@pytest.mark.parametrize("rule", [{"steps": 6}, {"threshold": None}, {"steps": 6, "cfg_scale": 1.0}])
 def test_generate_same_tokens_with_exact_cache_and_without(isolated_model, tokenizer, rule):
     def sample(cache):
         cfg = SamplerConfig(gen_length=12, block_length=4, prompt_cache=cache, **rule)
@@ -165,7 +171,7 @@ def test_approx_equals_off_when_every_step_starts_a_block_and_exact_is_refused(t
     plain = build_from_scratch("tiny", tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                num_attention_heads=2).eval()
     # one step per block: each step refreshes the prefix, so approx is the plain forward
-    cfg = dict(gen_length=8, block_length=2, steps=4)
+    cfg = {"gen_length": 8, "block_length": 2, "steps": 4}
     off = generate(plain, tokenizer, PROMPTS, SamplerConfig(**cfg, prompt_cache="off"), seed=1)
     approx = generate(plain, tokenizer, PROMPTS, SamplerConfig(**cfg, prompt_cache="approx"), seed=1)
     assert [r.output_ids for r in off] == [r.output_ids for r in approx]
@@ -184,10 +190,10 @@ def test_other_architecture_says_so_in_one_line_and_runs_the_full_forward(tokeni
     torch.manual_seed(0)
     model = DistilBertForMaskedLM(DistilBertConfig(vocab_size=len(tokenizer), dim=32, hidden_dim=64, n_layers=1,
                                                    n_heads=2, pad_token_id=tokenizer.pad_token_id)).eval()
-    cfg = dict(gen_length=6, block_length=3)
+    cfg = {"gen_length": 6, "block_length": 3}
     with caplog.at_level(logging.WARNING, logger="dlm.cache"):
         approx = generate(model, tokenizer, PROMPTS, SamplerConfig(**cfg, prompt_cache="approx"), seed=0)
-    assert [r.message for r in caplog.records] == ["prompt cache: not available for DistilBertForMaskedLM; "
-                                                   "running the full forward"]
+    assert [r.message for r in caplog.records] == [("prompt cache: not available for DistilBertForMaskedLM; "
+                                                   "running the full forward")]
     off = generate(model, tokenizer, PROMPTS, SamplerConfig(**cfg, prompt_cache="off"), seed=0)
     assert [r.output_ids for r in off] == [r.output_ids for r in approx]

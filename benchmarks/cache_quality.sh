@@ -4,9 +4,9 @@
 #   add2     the quickstart task (prompt ~10 tokens)
 #   fewshot  2-digit addition after 22 solved examples (prompt ~220 tokens, make_synthetic_data.py --tasks
 #            fewshot; its held-out queries are add2's held-out pairs)
-# Both arms of a task start from the same model, $START (default: the quickstart's SFT model, trained
-# without isolation), and train the same steps with the same data, seed and schedule; they differ only
-# in --prompt_isolation. So the isolated arm also measures how cheaply a normal model becomes cache-ready.
+# Both arms start from the same model, $START (default: the quickstart's pretrained model), and train the
+# same steps with the same data, seed and schedule; they differ only in --prompt_isolation. The fewshot
+# arms continue from the add2 arm of their own kind (normal after normal, isolated after isolated).
 #
 #     bash benchmarks/cache_quality.sh [OUT]        (needs a finished quickstart.sh output in $QS)
 #
@@ -15,9 +15,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 QS="${QS:-/work/artifacts/qs}"
 OUT="${1:-work_dir/cache_quality}"
-START="${START:-$QS/sft/final_model}"
-ADD2_STEPS="${ADD2_STEPS:-150}"
-FEWSHOT_STEPS="${FEWSHOT_STEPS:-120}"
+START="${START:-$QS/pretrain/final_model}"
+ADD2_STEPS="${ADD2_STEPS:-1500}"
+ADD2_BATCH="${ADD2_BATCH:-32}"
+FEWSHOT_STEPS="${FEWSHOT_STEPS:-150}"
+FEWSHOT_BATCH="${FEWSHOT_BATCH:-8}"
 PY="${PYTHON:-python}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_DISABLED=true
 FLAGS=(--learning_rate 2e-3 --lr_scheduler_type cosine --warmup_steps 0.05 --weight_decay 0.1 --save_strategy no
@@ -30,7 +32,7 @@ for mode in normal isolated; do
     [ -e "$OUT/add2_$mode/final_model/dlm.json" ] || $PY finetune_sft.py \
         --path_to_pretrained_checkpoint "$START" --path_to_prepped_data "$QS/data/sft" \
         --output_dir "$OUT/add2_$mode" --max_steps "$ADD2_STEPS" --eval_steps "$ADD2_STEPS" \
-        --per_device_train_batch_size 64 "${iso[@]}" "${FLAGS[@]}"
+        --per_device_train_batch_size "$ADD2_BATCH" "${iso[@]}" "${FLAGS[@]}"
 done
 
 [ -e "$OUT/data/fewshot/train.json" ] || $PY make_synthetic_data.py --output_dir "$OUT/data/fewshot" \
@@ -41,21 +43,23 @@ done
 for mode in normal isolated; do
     iso=(); [ "$mode" = isolated ] && iso=(--prompt_isolation)
     [ -e "$OUT/fewshot_$mode/final_model/dlm.json" ] || $PY finetune_sft.py \
-        --path_to_pretrained_checkpoint "$START" --path_to_prepped_data "$OUT/data/fewshot_sft" \
+        --path_to_pretrained_checkpoint "$OUT/add2_$mode/final_model" --path_to_prepped_data "$OUT/data/fewshot_sft" \
         --output_dir "$OUT/fewshot_$mode" --max_steps "$FEWSHOT_STEPS" --eval_steps "$FEWSHOT_STEPS" \
-        --per_device_train_batch_size 16 "${iso[@]}" "${FLAGS[@]}"
+        --per_device_train_batch_size "$FEWSHOT_BATCH" "${iso[@]}" "${FLAGS[@]}"
 done
 
-# Held-out exact match: the start model and normal models with the full forward and with the approximate
-# cache, isolated models with the full isolated forward and with the exact cache.
+# Held-out exact match and the ELBO of the SFT test split (each model scored as it was trained): normal
+# models with the full forward and with the approximate cache, isolated ones with the full isolated
+# forward and with the exact cache.
 for task in add2 fewshot; do
-    tasks="$QS/data/synthetic/heldout_tasks.jsonl"; [ "$task" = fewshot ] && tasks="$OUT/data/fewshot/heldout_tasks.jsonl"
-    for run in start:off start:approx normal:off normal:approx isolated:off isolated:exact; do
+    tasks="$QS/data/synthetic/heldout_tasks.jsonl"; data="$QS/data/sft"
+    [ "$task" = fewshot ] && tasks="$OUT/data/fewshot/heldout_tasks.jsonl" && data="$OUT/data/fewshot_sft"
+    for run in normal:off normal:approx isolated:off isolated:exact; do
         mode="${run%%:*}"; cache="${run##*:}"
-        model="$OUT/${task}_$mode/final_model"; [ "$mode" = start ] && model="$START"
-        $PY evaluate.py --model "$model" --tasks "$tasks" --gen_length 4 --batch_size 50 \
-            --prompt_cache "$cache" --save_json "$OUT/eval_${task}_${mode}_${cache}.json" > /dev/null
-        $PY -c "import json,sys; r=json.load(open(sys.argv[1]))['tasks']; print(sys.argv[2], '%.1f%%' % (100*r['accuracy']), r['correct'], '/', r['n'], '%.1f tok/s' % r['tokens_per_second'])" \
+        elbo=(); [ "$cache" = off ] && elbo=(--path_to_prepped_data "$data" --num_samples 8)
+        $PY evaluate.py --model "$OUT/${task}_$mode/final_model" --tasks "$tasks" --gen_length 4 --batch_size 50 \
+            --prompt_cache "$cache" "${elbo[@]}" --save_json "$OUT/eval_${task}_${mode}_${cache}.json" > /dev/null
+        $PY -c "import json,sys; j=json.load(open(sys.argv[1])); r=j['tasks']; e=j.get('elbo'); print(sys.argv[2], '%.1f%%' % (100*r['accuracy']), r['correct'], '/', r['n'], '%.1f tok/s' % r['tokens_per_second'], 'ELBO %.4f +- %.4f' % (e['nll_per_token'], e['stderr']) if e else '')" \
             "$OUT/eval_${task}_${mode}_${cache}.json" "$task $mode $cache"
     done
 done

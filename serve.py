@@ -65,7 +65,7 @@ def main() -> int:
 
     model, tokenizer = load_model(args, source, flag, local)
     name = args.served_model_name or (Path(source).name if local else source)
-    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_queue, defaults=config)
     app = create_app(engine, config, name, chat=not args.no_chat_template, fps=args.fps)
     logger.info("serving %s on http://%s:%d (max %d rows per step)", name, args.host, args.port,
                 args.max_batch_size)

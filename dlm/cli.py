@@ -42,6 +42,11 @@ class SamplerArguments:
         "help": "Keep denoising after an end-of-turn/EOS instead of filling the rest with EOS."})
     no_chat_template: bool = field(default=False, metadata={
         "help": "Feed prompts as raw text instead of a user turn of the chat template."})
+    prompt_cache: Literal["auto", "off", "exact", "approx"] = field(default="auto", metadata={
+        "help": "Prompt key/value cache: exact (model trained with --prompt_isolation: same tokens, the prompt "
+                "runs once), approx (any model: prompt and finished blocks cached at each block start, "
+                "Fast-dLLM's prefix cache; outputs may change), off, or auto (exact when the model was "
+                "trained isolated, off otherwise)."})
 
     def to_config(self, default_gen_length: int):
         """The validated `SamplerConfig` of these flags (a `UsageError` names the bad flag)."""
@@ -53,4 +58,4 @@ class SamplerArguments:
             gen_length=default_gen_length if self.gen_length is None else self.gen_length, seq_len=self.seq_len,
             steps=self.num_steps, block_length=self.block_length, strategy=self.strategy, threshold=self.threshold,
             entropy_bound=self.entropy_bound, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-            cfg_scale=self.cfg_scale, stop_at_eos=not self.no_early_stop).validate()
+            cfg_scale=self.cfg_scale, stop_at_eos=not self.no_early_stop, prompt_cache=self.prompt_cache).validate()

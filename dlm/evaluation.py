@@ -111,6 +111,7 @@ def elbo_rows(model: torch.nn.Module, batch_iter, mask_id: int, num_samples: int
     means estimates the Monte-Carlo variance of their average (unbiased, per row).
     """
     from dlm.diffusion import likelihood_nll
+    from dlm.isolation import is_isolated, isolation_attention_mask, prompt_lengths
 
     if num_samples < mc_groups or num_samples % mc_groups:
         raise UsageError(f"--num_samples {num_samples} must be a positive multiple of --mc_groups {mc_groups}")
@@ -119,8 +120,11 @@ def elbo_rows(model: torch.nn.Module, batch_iter, mask_id: int, num_samples: int
     for batch in batch_iter:
         ids = batch["input_ids"].to(device)
         maskable = batch["answer_mask"].bool().to(device) if "answer_mask" in batch else torch.ones_like(ids, dtype=torch.bool)
+        # A model trained with prompt isolation is scored as it was trained (and as it samples).
+        isolation = isolation_attention_mask(model, ids, prompt_lengths(maskable)) if is_isolated(model) else None
         groups = torch.stack([likelihood_nll(model, ids, maskable, mask_id, num_samples // mc_groups, generator,
-                                             sparse=sparse).double().cpu() for _ in range(mc_groups)])
+                                             sparse=sparse, attention_mask=isolation).double().cpu()
+                              for _ in range(mc_groups)])
         mean = groups.mean(0)
         var = groups.var(0, unbiased=True) / mc_groups if mc_groups > 1 else torch.full_like(mean, float("nan"))
         nlls += mean.tolist()

@@ -263,6 +263,9 @@ def load_checkpoint(path: str, hf_model_name: str | None = None, dtype: torch.dt
         # round an fp32 file to bf16 on its way into an fp32 training run.
         model = load_masked_lm(hf_model_name, tokenizer, dtype=dtype, flag="--hf_model_name")
         load_weights_strict(model, p, flag=flag)
+        record = p.parent / "dlm.json"  # the training record next to the weights (e.g. prompt isolation)
+        if record.is_file() and json.loads(record.read_text()).get("prompt_isolation"):
+            model.config.prompt_isolation = True
         return model, tokenizer
     raise UsageError(f"{flag} {p}: expected a checkpoint folder or a .safetensors file")
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from dlm.errors import UsageError
 
 STRATEGIES = ("low_confidence", "random", "margin", "entropy")
+PROMPT_CACHE_MODES = ("auto", "off", "exact", "approx")  # the denoiser: dlm.cache.select_denoiser
 
 
 @dataclass
@@ -30,6 +31,7 @@ class SamplerConfig:
     top_p: float | None = None
     cfg_scale: float = 0.0
     stop_at_eos: bool = True
+    prompt_cache: str = "auto"      # auto | off | exact | approx (DESIGN §4 "Prompt isolation and the prompt cache")
 
     @property
     def adaptive(self) -> bool:
@@ -64,6 +66,9 @@ class SamplerConfig:
             raise UsageError(f"--top_p must be in (0, 1], got {self.top_p}")
         if self.cfg_scale < 0:
             raise UsageError(f"--cfg_scale must be ≥ 0, got {self.cfg_scale}")
+        if self.prompt_cache not in PROMPT_CACHE_MODES:
+            raise UsageError(f"--prompt_cache must be one of {', '.join(PROMPT_CACHE_MODES)}, "
+                             f"got {self.prompt_cache!r}")
         if self.seq_len is None and self.gen_length > 0:
             self.layout(self.gen_length)
         return self

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dlm.cache import select_denoiser
 from dlm.errors import UsageError
 from dlm.policies import choose_candidates, commit_mask, confidences, entropy, fixed_step_schedule
 from dlm.prompts import Prompt, encode_prompt, stop_ids_for
@@ -78,6 +79,7 @@ class Denoiser:
     batch these are (with classifier-free guidance an unconditional copy has an id of its own), so a
     subclass can keep per-row state such as a prompt key/value cache between calls. Ids are unique for the
     sampler's lifetime (rows join and leave a running batch in the server); `forget` is told when they leave.
+    Any object with `device`, `max_positions` and `logits` is a denoiser (the prompt-cached ones of `dlm.cache` are).
     """
 
     device: torch.device
@@ -168,7 +170,7 @@ def _generate_batch(model, tokenizer, prompts: list[Prompt], cfg: SamplerConfig,
                     return_history: bool, on_step) -> list[SampleResult]:
     if not prompts:
         return []
-    denoiser = as_denoiser(model)
+    denoiser = as_denoiser(model, cfg, tokenizer.mask_token_id)
     was_training = getattr(model, "training", False)
     if was_training:
         model.eval()  # dropout would make "committed by confidence" meaningless
@@ -183,9 +185,14 @@ def _generate_batch(model, tokenizer, prompts: list[Prompt], cfg: SamplerConfig,
             model.train()
 
 
-def as_denoiser(model) -> Denoiser:
-    """`model` itself when it is a Denoiser, else a full-forward `ModelDenoiser` around it."""
-    return model if isinstance(model, Denoiser) else ModelDenoiser(model)
+def as_denoiser(model, cfg: SamplerConfig | None = None, mask_id: int | None = None) -> Denoiser:
+    """`model` itself when it is a denoiser; for a masked LM the denoiser that `cfg.prompt_cache` (default
+    auto) asks for (`dlm.cache.select_denoiser`: the prompt cache, or the isolation mask of a model trained
+    with prompt isolation), else a full-forward `ModelDenoiser` around it."""
+    if not isinstance(model, torch.nn.Module):
+        return model
+    mode, block = (cfg.prompt_cache, cfg.block_length) if cfg is not None else ("auto", None)
+    return select_denoiser(model, mode, mask_id, block) or ModelDenoiser(model)
 
 
 class _Sampler:
@@ -419,7 +426,8 @@ class _Sampler:
             if finished and not row.done:
                 self._finish(row)
 
-    def _decide(self, cfg: SamplerConfig, active: list[int], canvas: torch.Tensor, select: torch.Tensor, logits: torch.Tensor, width: int) -> torch.Tensor:
+    def _decide(self, cfg: SamplerConfig, active: list[int], canvas: torch.Tensor, select: torch.Tensor,
+                logits: torch.Tensor, width: int) -> torch.Tensor:
         """Candidates, confidences and commits for rows sharing one set of decision settings."""
         rows = self.rows
         per_row = select.sum(1).tolist()

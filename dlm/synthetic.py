@@ -10,6 +10,9 @@ Tasks (all answers are a deterministic function of the problem):
   * `addN`     N-digit addition:            "47+38="            -> "85"
   * `reverse`  reverse a list of letters:    "reverse: q b z k"  -> "k z b q"
   * `sort`     sort a list of digits:        "sort: 7 2 9 2"     -> "2 2 7 9"
+  * `fewshot`  2-digit addition after 22 solved examples, one per line (a ~210-token prompt; the
+               examples never contain the query pair, and the split is add2's, so a held-out fewshot
+               query is a held-out add2 problem): "12+34=46\n...\n47+38="  -> "85"
 
 The renderings are deliberately terse: with a tokenizer that splits digits one per token the
 answer of `add2` is two or three tokens, which a tiny model learns in a few CPU minutes.
@@ -36,6 +39,7 @@ class Problem:
     instruction: str
     answer: str
     input: str = ""
+    split_as: str = ""  # the task whose train/held-out split this problem follows (default: its own)
 
     def to_alpaca(self) -> dict:
         return {"instruction": self.instruction, "input": self.input, "output": self.answer}
@@ -80,8 +84,25 @@ def _sort(min_len: int = 4, max_len: int = 10) -> TaskSpec:
     return TaskSpec("sort", draw, f"sort a list of {min_len}-{max_len} digits")
 
 
+def _fewshot(shots: int = 22) -> TaskSpec:
+    base = _addition(2)
+
+    def draw(rng: random.Random) -> Problem:
+        query = base.draw(rng)
+        examples = []
+        while len(examples) < shots:
+            ex = base.draw(rng)
+            if ex.key != query.key:  # the answer is never in its own prompt
+                examples.append(f"{ex.instruction}{ex.answer}")
+        return Problem("fewshot", query.key, "\n".join(examples + [query.instruction]), query.answer,
+                       split_as=base.name)
+
+    return TaskSpec("fewshot", draw, f"2-digit addition after {shots} solved examples (long prompt)", base.space)
+
+
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in
-                              [_addition(2), _addition(3), _addition(4), _addition(5), _reverse(), _sort()]}
+                              [_addition(2), _addition(3), _addition(4), _addition(5), _reverse(), _sort(),
+                               _fewshot()]}
 
 
 def get_task(name: str) -> TaskSpec:
@@ -92,7 +113,7 @@ def get_task(name: str) -> TaskSpec:
 
 def is_heldout(problem: Problem, fraction: float, seed: int) -> bool:
     """Whether a problem's identity belongs to the held-out split: a seeded hash, stable across runs."""
-    digest = hashlib.sha256(f"{seed}|{problem.task}|{problem.key}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}|{problem.split_as or problem.task}|{problem.key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2 ** 64 < fraction
 
 

@@ -29,6 +29,7 @@ from dlm.data.storage import PRETRAIN_FORMAT, SFT_FORMAT, load_prepared
 from dlm.diffusion import EPS, antithetic_times, diffusion_loss, elbo_loss
 from dlm.distributed import check_launch, check_sharded_setup, count_non_finite, save_final_model
 from dlm.errors import UsageError
+from dlm.isolation import batch_isolation_mask, check_supported, mark_isolated
 from dlm.modeling import MODEL_CONFIGS, build_from_scratch, load_checkpoint, load_masked_lm
 from dlm.tokenization import load_tokenizer, special_ids
 
@@ -76,6 +77,11 @@ class DataArguments:
     crop_probability: float = field(default=0.01, metadata={
         "help": "Pretraining: fraction of batches cropped to a random length in [1, L]."})
     mask_eps: float = field(default=EPS, metadata={"help": "Minimum mask probability eps in p = (1-eps)t + eps."})
+    prompt_isolation: bool = field(default=False, metadata={
+        "help": "Train with the prompt-isolation mask (prompt positions attend only to the prompt), so that "
+                "sampling can cache the prompt exactly (--prompt_cache exact). SFT: the prompt is everything "
+                "before the last answer turn; pretraining: a split point drawn per row, uniform over {0..L-1}. "
+                "Recorded in the checkpoint (config.json and dlm.json)."})
 
 
 @dataclass
@@ -163,7 +169,7 @@ class DiffusionTrainer(AtomicCheckpoints, Trainer):
     """Trainer with the masked-diffusion loss (DESIGN §4) and a fixed-seed ELBO as eval loss."""
 
     def __init__(self, *args, mask_id: int, objective: str = "pretrain", sparse_head: bool = True,
-                 crop_probability: float = 0.01, mask_eps: float = EPS, **kwargs):
+                 crop_probability: float = 0.01, mask_eps: float = EPS, prompt_isolation: bool = False, **kwargs):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}")
         super().__init__(*args, **kwargs)
@@ -172,6 +178,7 @@ class DiffusionTrainer(AtomicCheckpoints, Trainer):
         self.sparse_head = sparse_head
         self.crop_probability = crop_probability if objective == "pretrain" else 0.0
         self.mask_eps = mask_eps
+        self.prompt_isolation = prompt_isolation
         # Our loss is a per-micro-batch mean: let the Trainer divide it by the accumulation steps.
         self.loss_is_scaled_for_ga = False
         self._noise_step, self._micro = -1, 0
@@ -210,8 +217,12 @@ class DiffusionTrainer(AtomicCheckpoints, Trainer):
         # Mask noise per global row: this rank draws only its own rows, identical whatever the world size.
         noise = torch.stack([torch.rand(length, generator=self._generator(device, -1, first + i), device=device)
                              for i in range(b)])
+        # Split points (pretraining) from their own generator, shared by the ranks of this micro-batch.
+        isolation = batch_isolation_mask(model, input_ids, maskable, self.objective == "pretrain",
+                                         self._generator(device, micro, -2), world, rank) \
+            if self.prompt_isolation else None
         loss = diffusion_loss(model, input_ids, maskable, self.mask_id, t, noise, sparse=self.sparse_head,
-                              eps=self.mask_eps)
+                              eps=self.mask_eps, attention_mask=isolation)
         return (loss, None) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -236,7 +247,11 @@ class DiffusionTrainer(AtomicCheckpoints, Trainer):
         gen = torch.Generator(device=input_ids.device).manual_seed(
             _noise_seed(self.args.seed, -1, self._eval_batch, self.args.process_index))
         self._eval_batch += 1
-        return elbo_loss(model, input_ids, maskable, self.mask_id, gen, sparse=self.sparse_head, eps=self.mask_eps)
+        isolation = batch_isolation_mask(model, input_ids, maskable, self.objective == "pretrain", torch.Generator(
+            device=input_ids.device).manual_seed(_noise_seed(self.args.seed, -2, self._eval_batch))) \
+            if self.prompt_isolation else None
+        return elbo_loss(model, input_ids, maskable, self.mask_id, gen, sparse=self.sparse_head, eps=self.mask_eps,
+                         attention_mask=isolation)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -383,6 +398,9 @@ def run_training(objective: str, model_args: ModelArguments, data_args: DataArgu
         logger.warning("no test split: evaluation disabled")
         training_args.eval_strategy = "no"
         training_args.eval_on_start = False
+    if data_args.prompt_isolation:
+        check_supported(model)
+    mark_isolated(model, data_args.prompt_isolation)  # saved in config.json, so inference knows
     if model_args.lora:
         model = apply_lora(model, model_args, tokenizer)
     collator = default_data_collator if objective == "pretrain" else SFTCollator(pad_id=ids.eos)
@@ -390,12 +408,14 @@ def run_training(objective: str, model_args: ModelArguments, data_args: DataArgu
     trainer = DiffusionTrainer(
         model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
         processing_class=tokenizer, mask_id=ids.mask, objective=objective, sparse_head=model_args.sparse_head,
-        crop_probability=data_args.crop_probability, mask_eps=data_args.mask_eps)
+        crop_probability=data_args.crop_probability, mask_eps=data_args.mask_eps,
+        prompt_isolation=data_args.prompt_isolation)
     trainer.train(resume_from_checkpoint=resume)
 
     out = Path(training_args.output_dir)
     save_final_model(trainer, tokenizer, out / "final_model",
                      extra={"objective": objective, "mask_eps": data_args.mask_eps,
+                            "prompt_isolation": data_args.prompt_isolation,
                             "prepared_data": str(data_args.path_to_prepped_data),
                             "tokenizer_fingerprint": meta.get("tokenizer_fingerprint")})
     if trainer.is_world_process_zero():

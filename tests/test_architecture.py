@@ -20,6 +20,7 @@ LAYERS = {
     "dlm.data": 2,  # every dlm.data.* module
     "dlm.synthetic": 3,
     "dlm.modeling": 3,
+    "dlm.isolation": 3,
     "dlm.diffusion": 4,
     "dlm.distributed": 5,
     "dlm.training": 5,

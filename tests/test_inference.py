@@ -102,6 +102,8 @@ def _bad_inputs(p: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
         "no_prompt": (["--model", str(p["model"])], "no prompt: pass --prompt, --prompts_file or --chat"),
         "seq_len_and_gen_length": ([*m, "--seq_len", "64", "--gen_length", "8"], "exclude each other"),
         "unknown_strategy": ([*m, "--remasking", "greedy"], "invalid choice"),
+        "prompt_cache_exact_without_isolation": ([*m, "--prompt_cache", "exact"], "--prompt_cache exact: the model "
+                                                 "was trained without --prompt_isolation"),
     }
 
 

@@ -18,6 +18,13 @@ ROOT = Path(__file__).resolve().parent.parent
 def _check(problem) -> bool:
     """Recompute the answer from the rendering, independently of the generator."""
     text = problem.instruction
+    if problem.task == "fewshot":  # 22 solved 2-digit examples, then the query; never the query's own pair
+        *examples, query = text.split("\n")
+        pairs = [tuple(sorted(map(int, e.split("=")[0].split("+")))) for e in examples]
+        return (len(examples) == 22 and all(int(e.split("=")[1]) == sum(map(int, e.split("=")[0].split("+")))
+                                            for e in examples)
+                and tuple(sorted(map(int, query.rstrip("=").split("+")))) not in pairs
+                and problem.answer == str(sum(map(int, query.rstrip("=").split("+")))))
     if problem.task.startswith("add"):
         a, b = text.rstrip("=").split("+")
         digits = int(problem.task[3:])

@@ -125,13 +125,14 @@ def test_two_process_gloo_matches_single_process(tiny_model_dir, pretrain_data, 
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     steps = 4
+    # With --prompt_isolation: each row's random prompt/answer split is drawn for the global batch too.
     single = run(str(driver), pretrain_args(tiny_model_dir, pretrain_data, tmp_path, "single", steps,
-                                            per_gpu_batch_size=8))
+                                            per_gpu_batch_size=8, prompt_isolation="true"))
     assert single.returncode == 0, single.stderr[-3000:]
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 str(ROOT / "configs" / "accelerate" / "cpu_multiprocess.yaml"), "--main_process_port", "29533"]
-    multi = run(str(driver), pretrain_args(tiny_model_dir, pretrain_data, tmp_path, "multi", steps), launcher=launcher,
-                timeout=180)
+    multi = run(str(driver), pretrain_args(tiny_model_dir, pretrain_data, tmp_path, "multi", steps,
+                                           prompt_isolation="true"), launcher=launcher, timeout=180)
     assert multi.returncode == 0, multi.stderr[-3000:]
 
     out = tmp_path / "multi"
@@ -148,6 +149,7 @@ def test_two_process_gloo_matches_single_process(tiny_model_dir, pretrain_data, 
     assert sorted(a) == sorted(b)
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-4), step
+    assert json.loads((out / "final_model" / "config.json").read_text())["prompt_isolation"] is True
     wa = load_file(str(tmp_path / "single" / "final_model" / "model.safetensors"))
     wb = load_file(str(out / "final_model" / "model.safetensors"))
     for key in wa:
@@ -193,8 +195,10 @@ def test_lora_sft_saves_a_merged_plain_masked_lm(tiny_model_dir, sft_data, tmp_p
     from dlm.tokenization import special_ids
 
     # LoRA with gradient checkpointing: final_model/ must be a plain masked LM (adapters merged, head kept).
+    # Trained with --prompt_isolation, which the merged checkpoint must record for the prompt cache.
     res = run("finetune_sft.py", sft_args(sft_data, tmp_path, "lora", steps=6, hf_model_name=str(tiny_model_dir),
-                                          lora="true", lora_r=4, learning_rate=5e-2, gradient_checkpointing="true"))
+                                          lora="true", lora_r=4, learning_rate=5e-2, gradient_checkpointing="true",
+                                          prompt_isolation="true"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "trainable params" in res.stdout + res.stderr
     final = tmp_path / "lora" / "final_model"
@@ -216,6 +220,8 @@ def test_lora_sft_saves_a_merged_plain_masked_lm(tiny_model_dir, sft_data, tmp_p
     for k, v in model.state_dict().items():
         if k in trained:
             assert torch.equal(v, trained[k])
+    assert json.loads((final / "dlm.json").read_text())["prompt_isolation"] is True
+    assert model.config.prompt_isolation is True  # from config.json: auto = the exact prompt cache
 
 
 def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tiny_model_dir, pretrain_data, tmp_path):

@@ -114,9 +114,11 @@ class Engine:
     against). `submit` raises `QueueFull` when `max_queue` jobs are already waiting.
     """
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 32, max_queue: int = 256):
+    def __init__(self, model, tokenizer, max_batch_size: int = 32, max_queue: int = 256,
+                 defaults: SamplerConfig | None = None):
         self.tokenizer = tokenizer
-        self.denoiser = as_denoiser(model)
+        # One denoiser for every row: the server's --prompt_cache (and the isolation mask of an isolated model).
+        self.denoiser = as_denoiser(model, defaults, tokenizer.mask_token_id)
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.max_positions = self.denoiser.max_positions
         self.mask_id = tokenizer.mask_token_id

@@ -168,7 +168,8 @@ def chain_rule_logprobs(model: torch.nn.Module, contexts: Sequence[Sequence[int]
     users: dict[int, list[tuple[int, int]]] = {}
     for u, r, i in uses:
         users.setdefault(u, []).append((r, i))
-    order = sorted(range(len(first_use)), key=lambda u: len(contexts[first_use[u][0]]) + len(continuations[first_use[u][0]]))
+    order = sorted(range(len(first_use)),
+                   key=lambda u: len(contexts[first_use[u][0]]) + len(continuations[first_use[u][0]]))
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         rows = []

@@ -235,7 +235,8 @@ class DLMEvalModel(TemplateLM):
                              f"{self.max_length} positions (model_args max_length)")
         return context[max(0, len(context) + len(continuation) - self.max_length):]
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, cache: bool = True) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False,
+                              cache: bool = True) -> list[tuple[float, bool]]:
         scored = []
         for _, context, continuation in requests:
             stop = self._stop_token(context)

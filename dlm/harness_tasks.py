@@ -26,7 +26,8 @@ def wrong_sums(answer: int, rng, k: int = 3) -> list[int]:
 
 def _yaml(name: str, data_file: Path, body: str) -> str:
     # JSON strings are valid YAML scalars: paths and prompts need no YAML quoting rules.
-    return (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data_file))}\n"
+    return (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n"
+            f"  data_files:\n    test: {json.dumps(str(data_file))}\n"
             f"test_split: test\n{body}")
 
 
@@ -55,10 +56,12 @@ def write_tasks(out_dir: str | Path, items: list[dict], name: str = "dlm_add", g
         atomic_write_text(out / f"{name}_mc.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         atomic_write_text(out / f"{name}_mc.yaml", _yaml(f"{name}_mc", out / f"{name}_mc.jsonl", (
             "output_type: multiple_choice\ndoc_to_text: prompt\ndoc_to_choice: choices\ndoc_to_target: label\n"
-            'target_delimiter: ""\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n')))
+            'target_delimiter: ""\nmetric_list:\n  - metric: acc\n    aggregation: mean\n'
+            "    higher_is_better: true\n")))
         names.append(f"{name}_mc")
-    atomic_write_text(out / f"{name}_gen.jsonl", "".join(json.dumps({"prompt": it["prompt"], "answer": str(it["answer"])})
-                                                   + "\n" for it in items))
+    atomic_write_text(out / f"{name}_gen.jsonl",
+                      "".join(json.dumps({"prompt": it["prompt"], "answer": str(it["answer"])}) + "\n"
+                              for it in items))
     gen = (f"output_type: generate_until\ndoc_to_text: prompt\ndoc_to_target: answer\ngeneration_kwargs:\n"
            f"  until: []\n  max_gen_toks: {max_gen_toks}\n  do_sample: false\nmetric_list:\n  - metric: exact_match\n"
            f"    aggregation: mean\n    higher_is_better: true\n    regexes_to_ignore: {strip}\n")
@@ -71,7 +74,8 @@ def write_tasks(out_dir: str | Path, items: list[dict], name: str = "dlm_add", g
         for rec in records:
             found = number.findall(rec["output"])
             if found:
-                lines.append(json.dumps({"question": rec["instruction"], "answer": found[-1].replace(",", "").rstrip(".")}))
+                answer = found[-1].replace(",", "").rstrip(".")
+                lines.append(json.dumps({"question": rec["instruction"], "answer": answer}))
         atomic_write_text(out / "gsm8k_local.jsonl", "\n".join(lines) + "\n")
         body = ("output_type: generate_until\ndoc_to_text: question\ndoc_to_target: answer\ngeneration_kwargs:\n"
                 "  until: []\n  max_gen_toks: 256\n  do_sample: false\nfilter_list:\n  - name: last-number\n"
@@ -87,7 +91,8 @@ def write_tasks(out_dir: str | Path, items: list[dict], name: str = "dlm_add", g
 @dataclass
 class TaskArguments:
     tasks: str = field(metadata={"help": "JSONL of {prompt, answer} (evaluate.py's --tasks format)."})
-    output_dir: str = field(metadata={"help": "Folder for the task YAMLs and JSONL files (the harness's --include_path)."})
+    output_dir: str = field(metadata={"help": "Folder for the task YAMLs and JSONL files (the harness's "
+                                              "--include_path)."})
     gsm8k: str | None = field(default=None, metadata={"help": "Alpaca JSON of GSM8K problems: also write gsm8k_local."})
     name: str = field(default="dlm_add", metadata={"help": "Task name prefix: NAME_mc and NAME_gen."})
     max_gen_toks: int = field(default=16, metadata={"help": "The generation task's max_gen_toks."})

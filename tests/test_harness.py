@@ -137,6 +137,7 @@ def test_loglikelihood_mc_and_chain_rule_share_scoring_and_report_stderr(lm):
     assert all(d["stderr"] > 0 and d["method"] == "mc" for d in details)
     # the context is scored as given: BOS + text, the continuation alone (no end of turn without a chat)
     assert details[0]["tokens"] == 2
+    assert lm.score([([lm.prefix_token_id], [])])[0]["logprob"] == 0.0  # nothing to score: probability one
 
 
 def test_chat_contexts_append_the_end_of_turn_and_match_the_template(lm, tokenizer):
@@ -225,12 +226,14 @@ def test_simple_evaluate_runs_local_tasks_with_chat_template_and_logged_samples(
     tasks = ["dlm_add_mc", "dlm_add_gen"] + (["gsm8k_local"] if SHARED_GSM8K.is_file() else [])
     manager = TaskManager(include_path=str(tmp_path), include_defaults=False)  # no index of the hub tasks
     out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=3, apply_chat_template=True,
-                          system_instruction="Add.", fewshot_as_multiturn=False, log_samples=True, bootstrap_iters=0)
+                          system_instruction="Add.", num_fewshot=1, fewshot_as_multiturn=True, log_samples=True,
+                          bootstrap_iters=0)
     assert 0.0 <= out["results"]["dlm_add_mc"]["acc,none"] <= 1.0
     assert "exact_match,none" in out["results"]["dlm_add_gen"]
     sample = out["samples"]["dlm_add_mc"][0]
     context = sample["arguments"][0][0]
     assert context.startswith(lm.tokenizer.bos_token + "<|system|>Add.") and context.endswith("<|assistant|>")
+    assert context.count("<|assistant|>") == 2 and context.count("<|eot|>") == 4  # the shot is a past turn
     assert len(sample["resps"]) == 4 and out["config"]["dlm_likelihood"] == "mc"
 
 

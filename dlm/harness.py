@@ -283,6 +283,9 @@ class DLMEvalModel(TemplateLM):
         for c, x in pairs:
             out.append({**result[(tuple(c), tuple(x))], "tokens": len(x), "method": self.likelihood})
         self.last_loglikelihoods = out
+        if self.likelihood == "mc":  # the results' config then shows how precise the estimates were
+            self.totals["mc_stderr_sum"] += sum(d["stderr"] for d in out if d["stderr"] == d["stderr"])
+            self.totals["mc_requests"] += len(out)
         return out
 
     def _mc_nll(self, pairs: list[tuple[tuple, tuple]]) -> list[tuple[float, float]]:
@@ -389,7 +392,9 @@ class DLMEvalModel(TemplateLM):
                 "dlm_sampler": dataclasses.asdict(self.sampler), "dlm_max_length": self.max_length}
         if self.likelihood == "mc":
             info.update(dlm_mc_samples=self.mc_samples, dlm_mc_groups=self.mc_groups, dlm_seed=self.seed)
-        info.update({f"dlm_{k}": v for k, v in self.totals.items()})
+        info.update({f"dlm_{k}": v for k, v in self.totals.items() if k != "mc_stderr_sum"})
+        if self.totals.get("mc_stderr_sum"):
+            info["dlm_mc_mean_stderr"] = self.totals["mc_stderr_sum"] / self.totals["mc_requests"]
         if self.totals.get("generate_requests"):
             info["dlm_nfe_per_request"] = self.totals["generate_nfe"] / self.totals["generate_requests"]
         return info

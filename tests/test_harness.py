@@ -235,6 +235,7 @@ def test_simple_evaluate_runs_local_tasks_with_chat_template_and_logged_samples(
     assert context.startswith(lm.tokenizer.bos_token + "<|system|>Add.") and context.endswith("<|assistant|>")
     assert context.count("<|assistant|>") == 2 and context.count("<|eot|>") == 4  # the shot is a past turn
     assert len(sample["resps"]) == 4 and out["config"]["dlm_likelihood"] == "mc"
+    assert out["config"]["dlm_mc_mean_stderr"] > 0 and out["config"]["dlm_generate_nfe"] > 0
 
 
 def test_cli_bad_model_args_exit_2_with_one_line(tmp_path, monkeypatch, capsys):

@@ -251,3 +251,20 @@ def test_cli_bad_model_args_exit_2_with_one_line(tmp_path, monkeypatch, capsys):
         run_main(main)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: model_args pretrained")
+
+
+def test_any_masked_lm_folder_loads_and_scores_both_ways(tmp_path, tokenizer):
+    """A plain BertForMaskedLM folder (no dlm.json): the same scoring, exact and Monte Carlo."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tokenizer) + 64 - len(tokenizer) % 64, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    BertForMaskedLM(cfg).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    lm = DLMEvalModel(pretrained=str(tmp_path), device="cpu", mc_samples=16, likelihood="chain_rule")
+    (exact, greedy), = lm.loglikelihood([Req("3+4=", "7")])
+    lm.likelihood = "mc"
+    (approx, greedy_mc), = lm.loglikelihood([Req("3+4=", "7")])
+    assert exact == pytest.approx(approx, abs=1e-5) and greedy == greedy_mc  # one token: the ELBO is exact
+    assert type(lm.model).__name__ == "BertForMaskedLM"

@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--mc_groups", type=int, default=4)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--gen_length", type=int, default=8)
-    parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--threshold", type=float, default=0.9, help="0: the reference one-token-per-step sampler")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--save_json", default=None)
     args = parser.parse_args()
@@ -56,12 +56,13 @@ def main() -> None:
     from dlm.harness_tasks import write_tasks
     from dlm.sampling import SamplerConfig
 
+    threshold = args.threshold if args.threshold > 0 else None
     items = load_tasks(args.tasks, args.limit)
     folder = Path(tempfile.mkdtemp(prefix="dlm_harness_tasks_"))
     write_tasks(folder, [{"prompt": it.prompt, "answer": it.answer} for it in items])
     manager = TaskManager(include_path=str(folder), include_defaults=False)
     lm = DLMEvalModel(pretrained=args.model, device="cpu", batch_size=args.batch_size, mc_samples=args.mc_samples,
-                      mc_groups=args.mc_groups, greedy=False, gen_length=args.gen_length, threshold=args.threshold)
+                      mc_groups=args.mc_groups, greedy=False, gen_length=args.gen_length, threshold=threshold)
     report: dict = {"model": args.model, "problems": len(items), "mc_samples": args.mc_samples,
                     "mc_groups": args.mc_groups, "batch_size": args.batch_size, "runs": {}}
 
@@ -117,8 +118,8 @@ def main() -> None:
     samples = sorted(out["samples"]["dlm_add_gen"], key=lambda s: s["doc_id"])
     harness_pred = [s["filtered_resps"][0] for s in samples]
     nfe = sum(g["nfe"] for g in lm.last_generations)
-    ref = evaluate_tasks(lm.model, lm.tokenizer, items, SamplerConfig(gen_length=args.gen_length,
-                                                                       threshold=args.threshold), chat=True)
+    ref = evaluate_tasks(lm.model, lm.tokenizer, items, SamplerConfig(gen_length=args.gen_length, threshold=threshold),
+                         chat=True)
     report["generation"] = {"harness_exact_match": out["results"]["dlm_add_gen"]["exact_match,none"],
                             "evaluate_py_exact_match": ref.accuracy,
                             "same_prediction": sum(h.strip() == p["prediction"].strip()

@@ -8,6 +8,7 @@ Every training and likelihood formula of the project lives here:
                       (pretraining: every token is maskable, so this is the B*L normalisation of §4;
                        SFT: maskable = answer incl. EOS padding, so this is the per-sample answer-length one)
   * likelihood        -log p(x0) <= E_l (n / l) sum_{i in S_l} CE(i),  l ~ U{1..n}, S_l = l uniform positions
+  * chain rule        log p(x | c) = sum_i log p(x_i | c, x_<i, [MASK] at positions >= i)   (exact, n passes)
 
 The training loss, evaluated with fixed-seed noise (`diffusion_loss` with a seeded generator), is an
 unbiased estimate of the per-token ELBO; `likelihood_nll(...) / n` estimates the same quantity with
@@ -15,6 +16,8 @@ lower variance, so evaluate.py and the Trainer's eval loss agree up to Monte-Car
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -125,3 +128,71 @@ def likelihood_nll(model: torch.nn.Module, input_ids: torch.Tensor, maskable: to
         ce = masked_token_ce(model, input_ids, masked, mask_id, attention_mask, sparse)
         total += (per_sequence_sum(ce, masked) * n / l).double()
     return (total / num_samples).float()
+
+
+@torch.no_grad()
+def chain_rule_logprobs(model: torch.nn.Module, contexts: Sequence[Sequence[int]],
+                        continuations: Sequence[Sequence[int]], mask_id: int, pad_id: int, batch_size: int = 64,
+                        sparse: bool = True) -> list[tuple[torch.Tensor, bool]]:
+    """Exact left-to-right log-likelihood of each continuation given its context (DESIGN §4 "Chain-rule likelihood").
+
+    log p(x_1..x_n | c) = sum_i log p(x_i | c, x_<i, [MASK] at positions >= i): step i scores the first
+    mask of the canvas c + x_<i + (n - i) masks, one forward pass per step, the context never masked.
+    Canvases that coincide (continuations of one context sharing a prefix and a length, as the choices
+    of a multiple-choice question do at step 0) run once; canvases are batched across requests,
+    shortest first. Returns per request the n token log-probs (float64) and whether every x_i is the
+    argmax of its step (left-to-right greedy decoding of n masks writes exactly this continuation).
+    """
+    device = next(model.parameters()).device
+    # A canvas is identified by (context, continuation prefix, masks left); prefixes are numbered through a
+    # trie so that keys stay O(1) in size however long the continuation.
+    context_ids: dict[tuple[int, ...], int] = {}
+    prefix_ids: dict[tuple[int, int], int] = {}
+    canvases: dict[tuple[int, int, int], int] = {}
+    first_use: list[tuple[int, int]] = []     # canvas -> (request, step) that builds it
+    uses: list[tuple[int, int, int]] = []     # (canvas, request, step)
+    for r, (c, x) in enumerate(zip(contexts, continuations)):
+        if mask_id in c or mask_id in x:
+            raise ValueError("chain_rule_logprobs: the mask token cannot be part of a context or continuation")
+        prefix = -1 - context_ids.setdefault(tuple(c), len(context_ids))  # the empty prefix of this context
+        for i in range(len(x)):
+            key = (prefix, len(x) - i, len(c) + len(x))
+            if key not in canvases:
+                canvases[key] = len(first_use)
+                first_use.append((r, i))
+            uses.append((canvases[key], r, i))
+            prefix = prefix_ids.setdefault((prefix, x[i]), len(prefix_ids))
+
+    logprob_of: list[torch.Tensor] = [torch.empty(len(x), dtype=torch.float64) for x in continuations]
+    greedy_of = [torch.ones(len(x), dtype=torch.bool) for x in continuations]
+    users: dict[int, list[tuple[int, int]]] = {}
+    for u, r, i in uses:
+        users.setdefault(u, []).append((r, i))
+    order = sorted(range(len(first_use)),
+                   key=lambda u: len(contexts[first_use[u][0]]) + len(continuations[first_use[u][0]]))
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        rows = []
+        for u in batch:
+            r, i = first_use[u]
+            c, x = list(contexts[r]), list(continuations[r])
+            rows.append(c + x[:i] + [mask_id] * (len(x) - i))
+        width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        select = torch.zeros((len(rows), width), dtype=torch.bool)
+        for b, (u, row) in enumerate(zip(batch, rows)):
+            r, i = first_use[u]
+            ids[b, :len(row)] = torch.tensor(row)
+            attention[b, :len(row)] = 1
+            select[b, len(contexts[r]) + i] = True
+        logits = selected_logits(model, ids.to(device), select.to(device), attention_mask=attention.to(device),
+                                 sparse=sparse)
+        logp = torch.log_softmax(logits.double(), dim=-1).cpu()
+        best = logp.argmax(-1)
+        for b, u in enumerate(batch):
+            for r, i in users[u]:
+                token = continuations[r][i]
+                logprob_of[r][i] = logp[b, token]
+                greedy_of[r][i] = bool(best[b] == token)
+    return [(lp, bool(g.all())) for lp, g in zip(logprob_of, greedy_of)]

@@ -106,7 +106,7 @@ def elbo_rows(model: torch.nn.Module, batch_iter, mask_id: int, num_samples: int
               mc_groups: int = 2, sparse: bool = True, progress=None) -> tuple[list[float], list[float], list[float]]:
     """Per-row ELBO NLL (nats), maskable-token counts and Monte-Carlo variance of the NLL estimate.
 
-    `batch_iter` yields collated batches (`input_ids`, optional `answer_mask`). Each row gets
+    `batch_iter` yields collated batches (`input_ids`, optional `answer_mask` and `attention_mask`). Each row gets
     `num_samples` draws in `mc_groups` independently stratified groups; the spread of the group
     means estimates the Monte-Carlo variance of their average (unbiased, per row).
     """
@@ -120,10 +120,13 @@ def elbo_rows(model: torch.nn.Module, batch_iter, mask_id: int, num_samples: int
     for batch in batch_iter:
         ids = batch["input_ids"].to(device)
         maskable = batch["answer_mask"].bool().to(device) if "answer_mask" in batch else torch.ones_like(ids, dtype=torch.bool)
+        # Rows of different lengths (the harness's requests) carry an attention mask: padding is not seen.
         # A model trained with prompt isolation is scored as it was trained (and as it samples).
-        isolation = isolation_attention_mask(model, ids, prompt_lengths(maskable)) if is_isolated(model) else None
+        attention = batch["attention_mask"].to(device) if "attention_mask" in batch else None
+        if is_isolated(model):
+            attention = isolation_attention_mask(model, ids, prompt_lengths(maskable), attention)
         groups = torch.stack([likelihood_nll(model, ids, maskable, mask_id, num_samples // mc_groups, generator,
-                                             sparse=sparse, attention_mask=isolation).double().cpu()
+                                             sparse=sparse, attention_mask=attention).double().cpu()
                               for _ in range(mc_groups)])
         mean = groups.mean(0)
         var = groups.var(0, unbiased=True) / mc_groups if mc_groups > 1 else torch.full_like(mean, float("nan"))

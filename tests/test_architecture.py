@@ -35,6 +35,7 @@ LAYERS = {
     "dlm.display": 7,
     "dlm.serving": 7,
     "dlm.harness": 7,
+    "dlm.harness_tasks": 7,
 }
 
 

@@ -33,7 +33,7 @@ TINY_VALUES = {
     "--context_length": "128", "--num_workers": "2", "--num_training_steps": "4", "--per_gpu_batch_size": "4",
     "--num_warmup_steps": "1", "--evaluation_interval": "2", "--checkpoint_interval": "2", "--seq_len": "48",
     "--num_steps": "16", "--gen_length": "24", "--block_length": "8", "--num_train": "300", "--num_heldout": "10",
-    "--num_processes": "2",
+    "--num_processes": "2", "--limit": "2",
 }
 # accelerate launch options that only mean something on a real multi-node cluster.
 CLUSTER_OPTIONS = {"--machine_rank", "--main_process_ip", "--num_machines", "--main_process_port"}
@@ -88,9 +88,15 @@ def shrink(command: str, model_dir: Path, corpus: Path, alpaca: Path) -> list[st
         head = [sys.executable]
     else:
         raise AssertionError(f"README command this test cannot run: {command}")
-    script = ROOT / argv[1]
-    assert script.is_file(), f"README runs a missing script: {argv[1]}"
-    out = head + [str(script)]
+    if argv[1] == "-m":  # a module of the package (python -m dlm.harness ...)
+        module = argv[2]
+        assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), f"README runs a missing module: {module}"
+        argv = [argv[0], module] + argv[3:]
+        out = head + ["-m", module]
+    else:
+        script = ROOT / argv[1]
+        assert script.is_file(), f"README runs a missing script: {argv[1]}"
+        out = head + [str(script)]
     args = argv[2:]
     i = 0
     while i < len(args):
@@ -168,6 +174,10 @@ def test_every_readme_command_runs_with_tiny_sizes(tmp_path, readme_model, corpu
                              for out in json_runs for line in out.splitlines())
     evaluation = [out for c, out in ran if "evaluate.py" in c]
     assert evaluation and "exact match" in evaluation[0] and "ELBO NLL" in evaluation[0]
+    harness = [out for c, out in ran if c.startswith("python -m dlm.harness ")]
+    assert harness and "dlm_add_mc" in harness[0] and "dlm_add_gen" in harness[0]
+    assert list((tmp_path / "harness_out").rglob("results_*.json"))
+    assert list((tmp_path / "harness_out").rglob("samples_dlm_add_mc_*.jsonl"))  # --log_samples
 
 
 @pytest.mark.skipif(not DESIGN.is_file(), reason="../shared/DESIGN.md absent")

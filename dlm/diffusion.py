@@ -22,9 +22,9 @@ from dlm.modeling import selected_logits, selected_rows
 
 EPS = 1e-3
 IGNORE_INDEX = -100
-# Rows of logits per chunk in `token_cross_entropy`: ~2 MB of float32 at a 16k vocabulary, so the softmax
-# temporaries of one chunk stay in cache and never exist for the whole [N, V] at once.
-_CE_CHUNK_ELEMENTS = 1 << 19
+# Logits per chunk in `token_cross_entropy` (64 MB of float32): float32 temporaries exist for one chunk,
+# never for the whole [N, V]; chunks much smaller than this are slower on CPU (per-op overhead).
+_CE_CHUNK_ELEMENTS = 1 << 24
 
 
 def mask_probability(t: torch.Tensor, eps: float = EPS) -> torch.Tensor:
@@ -63,12 +63,15 @@ class _TokenCrossEntropy(torch.autograd.Function):
         valid = target != IGNORE_INDEX
         safe = torch.where(valid, target, 0)
         chunk = max(1, _CE_CHUNK_ELEMENTS // max(1, logits.shape[1]))
-        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        ce = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(ce)
         for s in range(0, logits.shape[0], chunk):
-            lse[s:s + chunk] = torch.logsumexp(logits[s:s + chunk].float(), dim=-1)
-        picked = logits.gather(1, safe[:, None]).squeeze(1).float()
+            rows = logits[s:s + chunk].float()
+            log_probs = torch.log_softmax(rows, dim=-1)  # a temporary of one chunk, not kept for backward
+            ce[s:s + chunk] = -log_probs.gather(1, safe[s:s + chunk, None]).squeeze(1)
+            lse[s:s + chunk] = rows[:, 0] - log_probs[:, 0]
         ctx.save_for_backward(logits, safe, valid, lse)
-        return torch.where(valid, lse - picked, 0.0)
+        return torch.where(valid, ce, 0.0)
 
     @staticmethod
     def backward(ctx, grad_ce: torch.Tensor) -> tuple[torch.Tensor, None]:

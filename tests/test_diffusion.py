@@ -214,3 +214,40 @@ def test_training_eval_loss_agrees_with_likelihood(model, tokenizer):
         a = elbo_loss(model, ids, maskable, mask_id, torch.Generator().manual_seed(9))
         b = elbo_loss(model, ids, maskable, mask_id, torch.Generator().manual_seed(9))
     assert a.item() == b.item()
+
+
+def test_compiled_model_gives_the_eager_loss_with_the_sparse_head(tokenizer):
+    """torch.compile (as the Trainer's --torch_compile applies it) traces the sparse-head hook without graph breaks.
+
+    backend="eager" runs dynamo's tracing (where hooks and data-dependent shapes would break the graph) without
+    inductor's C++ build, which takes minutes on CPU; `benchmarks/bench_train.py --mode run --variants
+    dlm+compile` runs inductor and compares its losses with the eager run's.
+    """
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from dlm.modeling import build_from_scratch
+
+    torch.manual_seed(0)
+    model = build_from_scratch("tiny", tokenizer, max_position_embeddings=64, hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=1, num_attention_heads=2).train()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    g = torch.Generator().manual_seed(8)
+    for _ in range(2):  # two mask draws: two different masked-row counts
+        ids = torch.randint(20, 500, (4, 32), generator=g)
+        maskable = torch.ones_like(ids, dtype=torch.bool)
+        t, noise = torch.rand(4, generator=g), torch.rand(4, 32, generator=g)
+        losses, grads = [], []
+        for m in (compiled, model):
+            model.zero_grad()
+            loss = diffusion_loss(m, ids, maskable, tokenizer.mask_token_id, t, noise)
+            loss.backward()
+            losses.append(loss.item())
+            grads.append(model.model.embeddings.tok_embeddings.weight.grad.clone())
+        assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+        torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] >= 1
+    torch._dynamo.reset()

@@ -176,8 +176,12 @@ def _run_reference_loop(model, rows, steps: int, device: str) -> dict:
             "last_loss": loss.item()}
 
 
-def profile_step(sparse: bool, steps: int, device: str) -> dict:
-    """Mean seconds per phase of a training step: encoder forward, head, loss, backward, optimizer."""
+def profile_step(sparse: bool, steps: int, device: str, compile_model: bool = False) -> dict:
+    """Mean seconds per phase of a training step: encoder forward, head, loss, backward, optimizer.
+
+    With `compile_model` the model runs under torch.compile (inductor): hooks are traced into the graph
+    then, so only the forward / backward / optimizer split is measured, after 3 warm-up steps (compilation).
+    """
     import torch
 
     from dlm.diffusion import antithetic_times, diffusion_loss
@@ -197,6 +201,7 @@ def profile_step(sparse: bool, steps: int, device: str) -> dict:
             return time.perf_counter()
         return time.process_time()
 
+    runner = torch.compile(model) if compile_model else model
     head = sparse_head_module(model)  # ModernBERT: dense + norm on the selected rows; `decoder` makes the logits
     head.register_forward_pre_hook(lambda *_: marks.__setitem__("head_start", now()))
     model.decoder.register_forward_pre_hook(lambda *_: marks.__setitem__("decoder_start", now()))
@@ -204,11 +209,13 @@ def profile_step(sparse: bool, steps: int, device: str) -> dict:
     phases = ("encoder forward", "head forward (dense+norm)", "decoder forward (logits)", "loss (CE + weights)",
               "backward", "optimizer (clip + fused AdamW)", "step")
     totals = dict.fromkeys(phases, 0.0)
-    for i in range(steps + 2):
+    warmup = 3 if compile_model else 2
+    for i in range(steps + warmup):
         ids = torch.randint(10, s["vocab"], (s["batch"], s["seq_len"]), generator=gen, device=device)
         t, noise = antithetic_times(s["batch"], gen), torch.rand(ids.shape, generator=gen, device=device)
         t0 = now()
-        loss = diffusion_loss(model, ids, maskable, 4, t, noise, sparse=sparse)
+        marks.update(head_start=t0, decoder_start=t0, decoder_end=t0)
+        loss = diffusion_loss(runner, ids, maskable, 4, t, noise, sparse=sparse)
         t1 = now()
         loss.backward()
         t2 = now()
@@ -216,7 +223,7 @@ def profile_step(sparse: bool, steps: int, device: str) -> dict:
         optim.step()
         optim.zero_grad(set_to_none=True)
         t3 = now()
-        if i >= 2:  # two warm-up steps
+        if i >= warmup:
             values = (marks["head_start"] - t0, marks["decoder_start"] - marks["head_start"],
                       marks["decoder_end"] - marks["decoder_start"], t1 - marks["decoder_end"], t2 - t1, t3 - t2,
                       t3 - t0)
@@ -273,6 +280,8 @@ def main_run(args) -> str:
 def main_profile(args) -> str:
     """--mode profile: phase times of the sparse and full step (and a baseline checkout), alternating."""
     variants = [("dlm", "sparse", None), ("full", "full", None)]
+    if args.profile_compile:
+        variants.append(("dlm+compile", "sparse+compile", None))
     if args.baseline_src:
         variants.insert(1, ("baseline", "sparse", args.baseline_src))
     sums: dict[str, dict] = {}
@@ -306,6 +315,8 @@ def main() -> None:
                         help="--mode run: any of reference, full, dlm, dlm+compile, baseline, baseline+compile.")
     parser.add_argument("--baseline_src", help="Another dlm checkout (e.g. `git worktree add /tmp/base main`) "
                                                 "for the baseline variants.")
+    parser.add_argument("--profile_compile", action="store_true",
+                        help="--mode profile: also time the step of a torch.compile'd model (inductor).")
     parser.add_argument("--repeats", type=int, default=1, help="--mode run/profile: alternating repeats.")
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small"], help="ModernBERT sizes of dlm.modeling.")
     parser.add_argument("--batch", type=int, default=8, help="Sequences per step.")
@@ -331,7 +342,8 @@ def main() -> None:
         if args._run:
             print(json.dumps(run_variant(args._run, args.steps[0], args.device)))
         else:
-            print(json.dumps(profile_step(args._profile == "sparse", args.steps[0], args.device)))
+            print(json.dumps(profile_step(args._profile.startswith("sparse"), args.steps[0], args.device,
+                                          compile_model=args._profile.endswith("+compile"))))
         return
     if args.mode in ("run", "profile"):
         if args.mode == "run":

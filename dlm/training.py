@@ -29,7 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast, Trainer, Trai
 from dlm.data.collators import PretrainCollator, SFTCollator
 from dlm.data.storage import PRETRAIN_FORMAT, SFT_FORMAT, load_prepared
 from dlm.diffusion import EPS, antithetic_times, diffusion_loss, elbo_loss
-from dlm.errors import UsageError
+from dlm.errors import ArgumentParser, UsageError
 from dlm.modeling import MODEL_CONFIGS, build_from_scratch, load_checkpoint, load_masked_lm
 from dlm.tokenization import load_tokenizer, special_ids
 
@@ -165,10 +165,8 @@ class SFTTrainingArguments(DiffusionTrainingArguments):
         "aliases": ["--checkpoint_interval"], "help": "Write a checkpoint-N folder every N steps."})
 
 
-def argument_parser(objective: str, model_cls: type | None = None):
+def argument_parser(objective: str, model_cls: type | None = None) -> ArgumentParser:
     """The command-line parser of pretrain.py (objective "pretrain") or finetune_sft.py ("sft")."""
-    from dlm.errors import ArgumentParser
-
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}")
     model_cls = model_cls or (ModelArguments if objective == "pretrain" else SFTModelArguments)

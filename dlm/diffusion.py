@@ -20,11 +20,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from dlm.modeling import selected_logits
+from dlm.modeling import selected_logits, selected_rows
 
 EPS = 1e-3
+IGNORE_INDEX = -100
+# Logits per chunk in `token_cross_entropy` (64 MB of float32): float32 temporaries exist for one chunk,
+# never for the whole [N, V]; chunks much smaller than this are slower on CPU (per-op overhead).
+_CE_CHUNK_ELEMENTS = 1 << 24
 
 
 def mask_probability(t: torch.Tensor, eps: float = EPS) -> torch.Tensor:
@@ -50,15 +53,82 @@ def sample_mask(maskable: torch.Tensor, p: torch.Tensor, noise: torch.Tensor) ->
     return maskable & (noise < p[:, None])
 
 
+class _TokenCrossEntropy(torch.autograd.Function):
+    """Cross-entropy per row that keeps only the logits and one float32 log-sum-exp per row for backward.
+
+    F.cross_entropy saves a full [N, V] log-softmax (plus, for bf16 logits, a float32 copy made first) and
+    builds two more [N, V] tensors in backward; here the forward reads the logits chunk by chunk and the
+    backward writes the gradient once: softmax(logits) - onehot(target), scaled per row.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        valid = target != IGNORE_INDEX
+        safe = torch.where(valid, target, 0)
+        chunk = max(1, _CE_CHUNK_ELEMENTS // max(1, logits.shape[1]))
+        ce = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(ce)
+        for s in range(0, logits.shape[0], chunk):
+            rows = logits[s:s + chunk].float()
+            log_probs = torch.log_softmax(rows, dim=-1)  # a temporary of one chunk, not kept for backward
+            ce[s:s + chunk] = -log_probs.gather(1, safe[s:s + chunk, None]).squeeze(1)
+            lse[s:s + chunk] = rows[:, 0] - log_probs[:, 0]
+        ctx.save_for_backward(logits, safe, valid, lse)
+        return torch.where(valid, ce, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_ce: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, safe, valid, lse = ctx.saved_tensors
+        scale = torch.where(valid, grad_ce.float(), 0.0)
+        grad = torch.empty_like(logits)
+        chunk = max(1, _CE_CHUNK_ELEMENTS // max(1, logits.shape[1]))
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        for s in range(0, logits.shape[0], chunk):
+            e = min(s + chunk, logits.shape[0])
+            if logits.dtype == torch.float32:  # write the softmax straight into the gradient buffer
+                g = torch.sub(logits[s:e], lse[s:e, None], out=grad[s:e])
+            else:
+                g = logits[s:e].float() - lse[s:e, None]
+            g.exp_()
+            g[rows[: e - s], safe[s:e]] -= 1.0
+            g.mul_(scale[s:e, None])
+            if g.data_ptr() != grad[s:e].data_ptr():
+                grad[s:e] = g
+        return grad, None
+
+
+def token_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy in float32 nats of each row of `logits` [N, V] (any float dtype) against `target` [N].
+
+    Rows whose target is IGNORE_INDEX give 0 and receive no gradient. Same values and gradients as
+    `F.cross_entropy(logits.float(), target, reduction="none", ignore_index=IGNORE_INDEX)` without its
+    full-size float32 copy and log-softmax; runs outside autocast (the precision is chosen here).
+    """
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        return _TokenCrossEntropy.apply(logits, target)
+
+
+def _masked_ce_rows(model: torch.nn.Module, input_ids: torch.Tensor, masked: torch.Tensor, mask_id: int,
+                    attention_mask: torch.Tensor | None, sparse: bool, static: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """CE at the masked positions of x_t: (ce [R], flat positions [R], n). Rows n.. are padding with CE 0."""
+    noisy = torch.where(masked, torch.as_tensor(mask_id, device=input_ids.device), input_ids)
+    index, n = selected_rows(masked, static=static)
+    logits = selected_logits(model, noisy, masked, attention_mask=attention_mask, sparse=sparse, index=index)
+    target = input_ids.flatten().index_select(0, index)
+    if index.numel() > n:  # padded rows: ignored by the loss, so they add exactly 0 and get no gradient
+        target[n:] = IGNORE_INDEX
+    return token_cross_entropy(logits, target), index, n
+
+
 def masked_token_ce(model: torch.nn.Module, input_ids: torch.Tensor, masked: torch.Tensor, mask_id: int,
                     attention_mask: torch.Tensor | None = None, sparse: bool = True) -> torch.Tensor:
     """Cross-entropy (float32, nats) of x0 at each masked position of x_t, as [N] in row-major order.
 
     The MLM head runs only on the masked rows (`selected_logits`), which is where all the loss is.
     """
-    noisy = torch.where(masked, torch.as_tensor(mask_id, device=input_ids.device), input_ids)
-    logits = selected_logits(model, noisy, masked, attention_mask=attention_mask, sparse=sparse)
-    return F.cross_entropy(logits.float(), input_ids[masked], reduction="none")
+    ce, _, n = _masked_ce_rows(model, input_ids, masked, mask_id, attention_mask, sparse, static=False)
+    return ce[:n]
 
 
 def per_sequence_sum(values: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
@@ -69,17 +139,22 @@ def per_sequence_sum(values: torch.Tensor, selected: torch.Tensor) -> torch.Tens
 
 def diffusion_loss(model: torch.nn.Module, input_ids: torch.Tensor, maskable: torch.Tensor, mask_id: int,
                    t: torch.Tensor, noise: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   sparse: bool = True, eps: float = EPS) -> torch.Tensor:
+                   sparse: bool = True, eps: float = EPS, static_shapes: bool = True) -> torch.Tensor:
     """The masked-diffusion training loss of one batch (DESIGN §4), a scalar.
 
     loss = mean_b [ sum_{i masked} CE(b, i) / p_b ] / n_b with n_b = maskable tokens of row b.
     `t` [B] are the noise levels and `noise` [B, L] the uniforms of the forward process, so the
     caller decides where randomness comes from (seeded per step for exact resume / fixed for eval).
+    `static_shapes` pads the masked-row count up to a few bucket sizes (`padded_row_count`): the padded
+    rows add exactly 0 to the loss and its gradient, and memory stays flat over a run.
     """
     p = mask_probability(t.to(torch.float32), eps)
     masked = sample_mask(maskable, p.to(noise.dtype), noise)
-    ce = masked_token_ce(model, input_ids, masked, mask_id, attention_mask, sparse)
-    weighted = per_sequence_sum(ce, masked) / p.to(ce.device)
+    ce, index, _ = _masked_ce_rows(model, input_ids, masked, mask_id, attention_mask, sparse, static_shapes)
+    # Padded rows point at position 0 with CE exactly 0: summing all rows keeps every shape static.
+    rows = torch.div(index, masked.shape[1], rounding_mode="floor")
+    weighted = torch.zeros(masked.shape[0], dtype=ce.dtype, device=ce.device).index_add(0, rows, ce)
+    weighted = weighted / p.to(ce.device)
     n = maskable.sum(1).clamp(min=1).to(ce.dtype)
     return (weighted / n).mean()
 

@@ -66,26 +66,58 @@ def sparse_head_module(model: torch.nn.Module) -> torch.nn.Module | None:
     return getattr(base, name, None) if name else None
 
 
+# A training step pads its selected-row count up to one of at most this many sizes per batch shape, so the
+# head, the logits and their gradients come in a few shapes only: allocators (glibc on CPU, the CUDA caching
+# allocator) then reuse freed blocks instead of keeping ever new ones, and torch.compile sees few shapes.
+ROW_BUCKETS = 32
+
+
+def padded_row_count(n: int, total: int, buckets: int = ROW_BUCKETS) -> int:
+    """`n` rounded up to the next multiple of ceil(total / buckets) (a multiple of 8), at most `total`."""
+    step = -(-max(1, -(-total // buckets)) // 8) * 8
+    return min(total, max(step, -(-n // step) * step))
+
+
+def selected_rows(select: torch.Tensor, static: bool = False) -> tuple[torch.Tensor, int]:
+    """Row-major flat positions of the True entries of `select` [B, L], and their count n.
+
+    With `static=True` the positions are padded (with position 0) up to `padded_row_count`: rows n and
+    after are padding, which the caller must ignore. The count is the one host sync a sparse step needs.
+    """
+    index = select.flatten().nonzero().squeeze(1)
+    n = index.numel()
+    if static:
+        pad = padded_row_count(n, select.numel()) - n
+        if pad:
+            index = torch.cat([index, index.new_zeros(pad)])
+    return index, n
+
+
 def selected_logits(model: torch.nn.Module, input_ids: torch.Tensor, select: torch.Tensor,
-                    attention_mask: torch.Tensor | None = None, sparse: bool = True) -> torch.Tensor:
+                    attention_mask: torch.Tensor | None = None, sparse: bool = True,
+                    index: torch.Tensor | None = None) -> torch.Tensor:
     """Logits at the positions where `select` [B, L] is True, as [N, V] in row-major order.
 
     `model` may be wrapped (DDP, FSDP, PEFT): it is always called through its own forward.
     With `sparse=False` (or an architecture without a known head) the full [B, L, V] logits
-    are computed and gathered: same values, more compute.
+    are computed and gathered: same values, more compute. `index` (from `selected_rows`, possibly
+    padded) gives the flat positions to gather instead of `select`, one output row per entry.
     """
+    if index is None:
+        index, _ = selected_rows(select)
     head = sparse_head_module(model) if sparse else None
     if head is None:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return logits[select]
+        return logits.flatten(0, 1).index_select(0, index)
 
     def gather_rows(module: torch.nn.Module, args: tuple) -> tuple:
         hidden = args[0]
         if hidden.dim() == 3 and hidden.shape[:2] == select.shape:
-            return (hidden[select],) + tuple(args[1:])
-        # Some attention kernels return unpadded [T, H] states: keep them aligned with the mask.
+            return (hidden.flatten(0, 1).index_select(0, index),) + tuple(args[1:])
+        # Some attention kernels return unpadded [T, H] states: map the positions onto the kept tokens.
         if attention_mask is not None and hidden.dim() == 2 and hidden.shape[0] == int(attention_mask.sum()):
-            return (hidden[select[attention_mask.bool()]],) + tuple(args[1:])
+            kept = attention_mask.flatten().bool().cumsum(0) - 1
+            return (hidden.index_select(0, kept.clamp(min=0)[index]),) + tuple(args[1:])
         raise RuntimeError(f"sparse head: unexpected hidden-state shape {tuple(hidden.shape)}")
 
     handle = head.register_forward_pre_hook(gather_rows)

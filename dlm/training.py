@@ -28,7 +28,7 @@ from dlm.data.collators import SFTCollator
 from dlm.data.storage import PRETRAIN_FORMAT, SFT_FORMAT, load_prepared
 from dlm.diffusion import EPS, antithetic_times, diffusion_loss, elbo_loss
 from dlm.distributed import check_launch, check_sharded_setup, count_non_finite, save_final_model
-from dlm.errors import UsageError
+from dlm.errors import ArgumentParser, UsageError
 from dlm.isolation import batch_isolation_mask, check_supported, mark_isolated
 from dlm.modeling import MODEL_CONFIGS, build_from_scratch, load_checkpoint, load_masked_lm
 from dlm.tokenization import load_tokenizer, special_ids
@@ -36,6 +36,7 @@ from dlm.tokenization import load_tokenizer, special_ids
 logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("pretrain", "sft")
+_PER_GPU_BATCH_DEFAULT = 16  # the reference recipe's --per_gpu_batch_size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,8 +96,17 @@ class DiffusionTrainingArguments(TrainingArguments):
         "aliases": ["--evaluation_interval"], "help": "Evaluate the fixed-seed ELBO on the test split every N steps."})
     save_steps: float = field(default=500, metadata={
         "aliases": ["--checkpoint_interval"], "help": "Write a checkpoint-N folder every N steps."})
-    warmup_steps: float = field(default=0, metadata={
+    warmup_steps: float = field(default=1000, metadata={
         "aliases": ["--num_warmup_steps"], "help": "Linear warmup steps (or a fraction of the run if < 1)."})
+    # The reference recipe's defaults (pretrain.py), where they differ from TrainingArguments'.
+    lr_scheduler_type: str = field(default="cosine", metadata={
+        "help": "Learning-rate schedule after warmup: linear, cosine, constant, ... (transformers' SchedulerType)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    per_device_train_batch_size: int | None = field(default=None, metadata={
+        "help": "Sequences per device per forward pass (the micro-batch); when given it replaces "
+                "--per_gpu_batch_size // --gradient_accumulation_steps."})
+    per_device_eval_batch_size: int | None = field(default=None, metadata={
+        "help": "Sequences per device per evaluation batch (default: the training micro-batch)."})
     # Defaults that differ from TrainingArguments.
     eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate: no, steps or epoch."})
     logging_steps: float = field(default=10, metadata={"help": "Log the training loss every N steps."})
@@ -108,7 +118,7 @@ class DiffusionTrainingArguments(TrainingArguments):
     experiment_name: str | None = field(default=None, metadata={
         "help": "Run name; output goes to --working_directory/--experiment_name (or give --output_dir)."})
     working_directory: str = field(default="work_dir", metadata={"help": "Parent folder of experiment outputs."})
-    per_gpu_batch_size: int | None = field(default=None, metadata={
+    per_gpu_batch_size: int = field(default=_PER_GPU_BATCH_DEFAULT, metadata={
         "help": "Sequences per GPU per optimizer step; must be divisible by --gradient_accumulation_steps "
                 "(micro-batch = per_gpu_batch_size // gradient_accumulation_steps)."})
     log_wandb: bool = field(default=False, metadata={"help": "Report to Weights & Biases (same as --report_to wandb)."})
@@ -125,13 +135,17 @@ class DiffusionTrainingArguments(TrainingArguments):
             self.output_dir = str(Path(self.working_directory) / self.experiment_name)
         if not self.output_dir:
             raise UsageError("--experiment_name (or --output_dir) is required")
-        if self.per_gpu_batch_size is not None:
+        if self.per_device_train_batch_size is not None:  # the Hugging Face flag names the micro-batch itself
+            if self.per_gpu_batch_size != _PER_GPU_BATCH_DEFAULT:
+                raise UsageError("give --per_gpu_batch_size or --per_device_train_batch_size, not both")
+        else:
             if self.per_gpu_batch_size < 1 or self.gradient_accumulation_steps < 1:
                 raise UsageError("--per_gpu_batch_size and --gradient_accumulation_steps must be positive")
             if self.per_gpu_batch_size % self.gradient_accumulation_steps:
                 raise UsageError(f"--per_gpu_batch_size {self.per_gpu_batch_size} is not divisible by "
                                  f"--gradient_accumulation_steps {self.gradient_accumulation_steps}")
             self.per_device_train_batch_size = self.per_gpu_batch_size // self.gradient_accumulation_steps
+        if self.per_device_eval_batch_size is None:
             self.per_device_eval_batch_size = self.per_device_train_batch_size
         if self.log_wandb:
             self.report_to = "wandb"
@@ -147,6 +161,27 @@ class DiffusionTrainingArguments(TrainingArguments):
             super().__post_init__()
         except ValueError as err:  # TrainingArguments' own validation: still a one-line usage error
             raise UsageError(str(err).splitlines()[0]) from None
+
+
+@dataclass
+class SFTTrainingArguments(DiffusionTrainingArguments):
+    """DiffusionTrainingArguments with the reference recipe's fine-tuning defaults (finetune_sft.py)."""
+
+    learning_rate: float = field(default=1e-5, metadata={"help": "Peak AdamW learning rate."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay."})
+    max_steps: int = field(default=30000, metadata={
+        "aliases": ["--num_training_steps"], "help": "Total optimizer steps (overrides --num_train_epochs)."})
+    save_steps: float = field(default=10000, metadata={
+        "aliases": ["--checkpoint_interval"], "help": "Write a checkpoint-N folder every N steps."})
+
+
+def argument_parser(objective: str, model_cls: type | None = None) -> ArgumentParser:
+    """The command-line parser of pretrain.py (objective "pretrain") or finetune_sft.py ("sft")."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}")
+    model_cls = model_cls or (ModelArguments if objective == "pretrain" else SFTModelArguments)
+    training_cls = DiffusionTrainingArguments if objective == "pretrain" else SFTTrainingArguments
+    return ArgumentParser((model_cls, DataArguments, training_cls))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,9 +463,9 @@ def run_training(objective: str, model_args: ModelArguments, data_args: DataArgu
 
 def train_main(objective: str, model_cls: type = ModelArguments) -> int:
     """Entry point of both scripts: parse the flags, train, report a non-finite loss in one line."""
-    from dlm.errors import ArgumentParser, setup_logging
+    from dlm.errors import setup_logging
 
-    parser = ArgumentParser((model_cls, DataArguments, DiffusionTrainingArguments))
+    parser = argument_parser(objective, model_cls)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses()
     setup_logging()
     try:

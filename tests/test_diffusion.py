@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dlm.diffusion import (EPS, antithetic_times, diffusion_loss, elbo_loss, likelihood_nll, mask_probability,
-                           sample_mask)
+import dlm.diffusion
+from dlm.diffusion import (EPS, IGNORE_INDEX, antithetic_times, diffusion_loss, elbo_loss, likelihood_nll,
+                           mask_probability, sample_mask, token_cross_entropy)
+from dlm.modeling import ROW_BUCKETS, padded_row_count, selected_rows
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +110,59 @@ def test_sparse_head_gives_same_loss_and_gradients(model, tokenizer):
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_cross_entropy_matches_torch(dtype, monkeypatch):
+    """Chunked CE: F.cross_entropy's values and gradients, ignored rows 0 with no gradient."""
+    monkeypatch.setattr(dlm.diffusion, "_CE_CHUNK_ELEMENTS", 7 * 300)  # 7 rows per chunk: several chunks
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(37, 300, generator=g) * 4).to(dtype)
+    target = torch.randint(0, 300, (37,), generator=g)
+    target[[3, 20, 36]] = IGNORE_INDEX
+    upstream = torch.rand(37, generator=g)
+    ours_in, ref_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours = token_cross_entropy(ours_in, target)
+    ref = F.cross_entropy(ref_in.float(), target, reduction="none", ignore_index=IGNORE_INDEX)
+    (ours * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    assert ours.dtype == torch.float32 and ours_in.grad.dtype == dtype
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, **tol)
+    assert (ours[[3, 20, 36]] == 0).all() and (ours_in.grad[[3, 20, 36]] == 0).all()
+
+
+def test_static_shapes_same_loss_and_gradient(model, tokenizer):
+    """Padding the masked rows up to a bucket changes neither the loss nor any parameter's gradient."""
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(20, 500, (4, 24), generator=g)
+    maskable = torch.rand(4, 24, generator=g) > 0.2
+    t, noise = torch.rand(4, generator=g), torch.rand(4, 24, generator=g)
+    p = mask_probability(t)
+    masked = sample_mask(maskable, p, noise)
+    index, n = selected_rows(masked, static=True)
+    assert n == int(masked.sum()) and index.numel() == padded_row_count(n, masked.numel()) > n  # padding in play
+    losses, grads = [], []
+    for static in (True, False):
+        model.zero_grad()
+        loss = diffusion_loss(model, ids, maskable, tokenizer.mask_token_id, t, noise, static_shapes=static)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({k: v.grad.clone() for k, v in model.named_parameters() if v.grad is not None})
+    model.zero_grad()
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 5
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_padded_row_counts_take_few_values():
+    """Every masked-row count of a [8, 512] batch maps to one of at most ROW_BUCKETS sizes, never below n."""
+    total = 8 * 512
+    sizes = {padded_row_count(n, total) for n in range(total + 1)}
+    assert len(sizes) <= ROW_BUCKETS and max(sizes) == total
+    assert all(n <= padded_row_count(n, total) <= n + total // ROW_BUCKETS for n in range(1, total + 1))
+
+
 def exact_elbo(model, ids: torch.Tensor, maskable: torch.Tensor, mask_id: int) -> float:
     """sum_l (1/l) * mean_{|S|=l} sum_{i in S} CE_i(x with S masked): the expectation of both estimators."""
     positions = maskable.nonzero().flatten().tolist()
@@ -159,3 +214,40 @@ def test_training_eval_loss_agrees_with_likelihood(model, tokenizer):
         a = elbo_loss(model, ids, maskable, mask_id, torch.Generator().manual_seed(9))
         b = elbo_loss(model, ids, maskable, mask_id, torch.Generator().manual_seed(9))
     assert a.item() == b.item()
+
+
+def test_compiled_model_gives_the_eager_loss_with_the_sparse_head(tokenizer):
+    """torch.compile (as the Trainer's --torch_compile applies it) traces the sparse-head hook without graph breaks.
+
+    backend="eager" runs dynamo's tracing (where hooks and data-dependent shapes would break the graph) without
+    inductor's C++ build, which takes minutes on CPU; `benchmarks/bench_train.py --mode run --variants
+    dlm+compile` runs inductor and compares its losses with the eager run's.
+    """
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from dlm.modeling import build_from_scratch
+
+    torch.manual_seed(0)
+    model = build_from_scratch("tiny", tokenizer, max_position_embeddings=64, hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=1, num_attention_heads=2).train()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    g = torch.Generator().manual_seed(8)
+    for _ in range(2):  # two mask draws: two different masked-row counts
+        ids = torch.randint(20, 500, (4, 32), generator=g)
+        maskable = torch.ones_like(ids, dtype=torch.bool)
+        t, noise = torch.rand(4, generator=g), torch.rand(4, 32, generator=g)
+        losses, grads = [], []
+        for m in (compiled, model):
+            model.zero_grad()
+            loss = diffusion_loss(m, ids, maskable, tokenizer.mask_token_id, t, noise)
+            loss.backward()
+            losses.append(loss.item())
+            grads.append(model.model.embeddings.tok_embeddings.weight.grad.clone())
+        assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+        torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] >= 1
+    torch._dynamo.reset()

@@ -29,11 +29,12 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
 from dlm.errors import UsageError
-from dlm.policies import choose_candidates, commit_mask, confidences, entropy, fixed_step_schedule
+from dlm.policies import commit_mask, decide, fixed_step_schedule
 from dlm.prompts import Prompt, encode_prompt, stop_ids_for
 
 logger = logging.getLogger(__name__)
@@ -134,15 +135,28 @@ class SampleResult:
 
 @dataclass
 class StepEvent:
-    """What `on_step` sees after every step: the whole batch, rows in prompt order."""
+    """What `on_step` sees after every step: the whole batch, rows in prompt order.
+
+    `canvases` (each row's output region, mask id where undecided) and `remaining` (masks left per
+    row) are read from the device on first access only, so a listener that skips a frame costs nothing.
+    """
 
     step: int
-    canvases: list[list[int]]    # each row's output region, mask id where undecided
     nfe: list[int]
     done: list[bool]
-    remaining: list[int]         # masks left per row
     total: list[int]             # masks at the start per row
     mask_id: int
+    _snapshot: torch.Tensor = field(repr=False)
+    _spans: list[tuple[int, int]] = field(repr=False)
+
+    @cached_property
+    def canvases(self) -> list[list[int]]:
+        rows = self._snapshot.tolist()
+        return [row[a:b] for row, (a, b) in zip(rows, self._spans)]
+
+    @cached_property
+    def remaining(self) -> list[int]:
+        return [sum(t == self.mask_id for t in region) for region in self.canvases]
 
 
 class Denoiser:
@@ -368,27 +382,24 @@ class _Sampler:
             cond, unc = both.chunk(2)
             logits = unc + (cfg.cfg_scale + 1) * (cond - unc)
         else:
-            logits = self.denoiser.logits(canvas, attention, select, idx).float()
+            # Kept in the model's dtype: `decide` converts chunk by chunk, never the whole [N, V] at once.
+            logits = self.denoiser.logits(canvas, attention, select, idx)
         logits[:, self.mask_id] = float("-inf")  # committing a mask would leave the position undecided
 
-        per_row = select.sum(1).tolist()
-        noise = uniform = None
-        if cfg.temperature > 0:
-            noise = torch.cat([torch.rand((n, logits.shape[1]), generator=rows[b].generator, dtype=torch.float64,
-                                          device=logits.device) for b, n in zip(active, per_row)])
-        if cfg.strategy == "random":
-            uniform = torch.cat([torch.rand(n, generator=rows[b].generator, device=logits.device)
-                                 for b, n in zip(active, per_row)])
-        candidates = choose_candidates(logits, cfg.temperature, cfg.top_k, cfg.top_p, noise)
-        probs = torch.softmax(logits, dim=-1)
-        conf = confidences(probs, candidates, cfg.strategy, uniform)
+        segments = ()
+        if cfg.temperature > 0 or cfg.strategy == "random":
+            # The one host sync before the commit: each row's count, to draw from its own generator.
+            segments = list(zip(select.sum(1).tolist(), (rows[b].generator for b in active)))
+        decision = decide(logits, cfg.temperature, cfg.strategy, segments, cfg.top_k, cfg.top_p,
+                          need_entropy=cfg.entropy_bound is not None)
+        del logits
 
         score = torch.full(select.shape, float("-inf"), device=canvas.device)
-        score[select] = conf.float()
+        score[select] = decision.confidence
         if cfg.entropy_bound is not None:
             # Largest set under the bound = the lowest-entropy positions while the running sum fits.
             ent = torch.full(select.shape, float("inf"), device=canvas.device)
-            ent[select] = entropy(probs)
+            ent[select] = decision.entropy
             score = -ent
             fits = (ent.sort(dim=1).values.cumsum(1) <= cfg.entropy_bound).sum(1)
             counts = fits.clamp(min=1)
@@ -399,12 +410,13 @@ class _Sampler:
         commit = commit_mask(select, score, counts)
 
         proposal = torch.zeros_like(canvas)
-        proposal[select] = candidates
+        proposal[select] = decision.candidates
         canvas = torch.where(commit, proposal, canvas)
         if cfg.stop_at_eos and self.stop_ids:
-            canvas = self._early_stop(canvas, active, width)
+            canvas = self._early_stop(canvas, idx, width)
         self.canvas[idx, :width] = canvas
 
+        # One host sync after the commit. A row stopped early has no mask left, so it is complete too.
         complete = ~(canvas == self.mask_id).any(1)
         for b, finished in zip(active, complete.tolist()):
             row = rows[b]
@@ -417,29 +429,23 @@ class _Sampler:
             if finished and not row.done:
                 self._finish(row)
 
-    def _early_stop(self, canvas: torch.Tensor, active: list[int], width: int) -> torch.Tensor:
+    def _early_stop(self, canvas: torch.Tensor, idx: torch.Tensor, width: int) -> torch.Tensor:
         """Rows whose first generated stop token has only decided positions before it: fill the rest
-        of their masks with EOS and finish them (no more forward passes)."""
-        idx = torch.tensor(active, device=canvas.device)
+        of their masks with EOS, which leaves them complete (no more forward passes). No host sync."""
         cols = torch.arange(width, device=canvas.device).expand_as(canvas)
         is_stop = torch.isin(canvas, self.stop_tensor) & ~self.fixed[idx, :width] & self.tail[idx, :width]
         first = torch.where(is_stop, cols, width).min(1).values
         undecided_before = ((canvas == self.mask_id) & (cols < first[:, None])).any(1)
         stopped = (first < width) & ~undecided_before
-        if stopped.any():
-            fill = stopped[:, None] & (cols > first[:, None]) & (canvas == self.mask_id)
-            canvas = canvas.masked_fill(fill, self.fill_id)
-            for b, s in zip(active, stopped.tolist()):
-                if s:
-                    self._finish(self.rows[b])
-        return canvas
+        fill = stopped[:, None] & (cols > first[:, None]) & (canvas == self.mask_id)
+        return canvas.masked_fill(fill, self.fill_id)
 
     def _event(self) -> StepEvent:
-        regions = [self._region(b) for b in range(len(self.rows))]
-        return StepEvent(step=self.step, canvases=regions, nfe=[r.nfe for r in self.rows],
-                         done=[r.done for r in self.rows],
-                         remaining=[sum(t == self.mask_id for t in reg) for reg in regions],
-                         total=[r.total_masks for r in self.rows], mask_id=self.mask_id)
+        # A device copy of the canvas, read back only if the listener looks at the canvases.
+        spans = [(r.prompt_len, r.length) for r in self.rows]
+        return StepEvent(step=self.step, nfe=[r.nfe for r in self.rows], done=[r.done for r in self.rows],
+                         total=[r.total_masks for r in self.rows], mask_id=self.mask_id,
+                         _snapshot=self.canvas.clone(), _spans=spans)
 
     def _result(self, b: int) -> SampleResult:
         row = self.rows[b]

@@ -381,3 +381,70 @@ def test_prompt_dependent_errors(model, tokenizer):
         generate(model, tokenizer, ["no masks here"], SamplerConfig(gen_length=0), chat=False)
     with pytest.raises(UsageError, match="exceeds the model's 256 positions"):
         generate(model, tokenizer, ["x"], SamplerConfig(gen_length=300))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The step's math in chunks (issue 11, point 9): same tokens and the same distribution as the full-size path.
+
+
+def test_decide_in_chunks_equals_the_full_size_formulas():
+    """Chunked candidates/confidences = the unchunked formulas on whole [N, V] tensors with the same draws."""
+    from dlm.policies import confidences, decide, entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(23, 97, generator=g)
+    logits[:, 5] = float("-inf")  # the mask id
+    counts = [7, 1, 15]
+    for temperature, top_k, top_p in [(0.0, None, None), (0.7, None, None), (1.3, 20, 0.9)]:
+        for strategy in ("low_confidence", "margin", "entropy", "random"):
+            gens = [torch.Generator().manual_seed(10 + i) for i in range(3)]
+            chunked = decide(logits, temperature, strategy, list(zip(counts, gens)), top_k, top_p,
+                             need_entropy=True, chunk_elements=2 * 97)  # two positions per chunk
+            # The full-size reference: one (n, V) float64 noise tensor per row, then the uniforms.
+            gens = [torch.Generator().manual_seed(10 + i) for i in range(3)]
+            noise = torch.cat([torch.rand((n, 97), generator=gi, dtype=torch.float64)
+                               for n, gi in zip(counts, gens)]) if temperature else None
+            uniform = torch.cat([torch.rand(n, generator=gi) for n, gi in zip(counts, gens)])
+            expected = choose_candidates(logits, temperature, top_k, top_p, noise)
+            probs = torch.softmax(logits, -1)
+            assert torch.equal(chunked.candidates, expected)
+            assert torch.allclose(chunked.confidence, confidences(probs, expected, strategy, uniform).float(),
+                                  rtol=1e-5, atol=1e-7)
+            assert torch.allclose(chunked.entropy, entropy(probs), rtol=1e-5, atol=1e-6)
+
+
+def test_temperature_draws_follow_softmax_of_logits_over_t():
+    """Gumbel-max in chunks samples softmax(logits / T): chi-square over 40k draws of a 6-token vocabulary."""
+    from dlm.policies import decide
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).expand(40_000, -1).contiguous()
+    gen = torch.Generator().manual_seed(0)
+    draws = decide(logits, 0.7, "low_confidence", [(40_000, gen)], chunk_elements=6 * 999).candidates
+    observed = torch.bincount(draws, minlength=6).double()
+    expected = torch.softmax(logits[0].double() / 0.7, -1) * 40_000
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    assert chi2 < 20.5  # 5 degrees of freedom: p = 0.001
+
+
+@pytest.mark.parametrize("cfg", [
+    SamplerConfig(gen_length=12, steps=6, temperature=0.9),
+    SamplerConfig(gen_length=12, steps=4, temperature=1.5, top_k=30, top_p=0.9, strategy="margin"),
+    SamplerConfig(gen_length=12, block_length=4, temperature=0.8, entropy_bound=1.0),
+    SamplerConfig(gen_length=12, steps=12, strategy="random", temperature=0.5),
+])
+def test_chunked_sampler_gives_the_tokens_of_the_unchunked_one(model, tokenizer, cfg, monkeypatch):
+    import dlm.policies
+
+    whole = generate(model, tokenizer, PROMPTS, cfg, seed=7)
+    monkeypatch.setattr(dlm.policies, "CHUNK_ELEMENTS", 1)  # one position per chunk
+    chunked = generate(model, tokenizer, PROMPTS, cfg, seed=7)
+    assert [r.output_ids for r in chunked] == [r.output_ids for r in whole]
+
+
+def test_step_events_are_read_lazily_and_match_the_history(model, tokenizer):
+    events = []
+    result = generate(model, tokenizer, [PROMPTS[0]], SamplerConfig(gen_length=8, steps=4), return_history=True,
+                      on_step=events.append)[0]
+    assert "canvases" not in vars(events[0])  # nothing was read back for a listener that did not look
+    assert [e.canvases[0] for e in events] == result.history[1:]
+    assert [e.remaining[0] for e in events] == [6, 4, 2, 0]

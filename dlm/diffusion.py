@@ -16,6 +16,8 @@ lower variance, so evaluate.py and the Trainer's eval loss agree up to Monte-Car
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -66,8 +68,8 @@ def per_sequence_sum(values: torch.Tensor, selected: torch.Tensor) -> torch.Tens
 
 def diffusion_loss(model: torch.nn.Module, input_ids: torch.Tensor, maskable: torch.Tensor, mask_id: int,
                    t: torch.Tensor, noise: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   sparse: bool = True, eps: float = EPS) -> torch.Tensor:
-    """The masked-diffusion training loss of one batch (DESIGN §4), a scalar.
+                   sparse: bool = True, eps: float = EPS, reduction: str = "mean") -> torch.Tensor:
+    """The masked-diffusion training loss of one batch (DESIGN §4), a scalar (`reduction="none"`: [B] per row).
 
     loss = mean_b [ sum_{i masked} CE(b, i) / p_b ] / n_b with n_b = maskable tokens of row b.
     `t` [B] are the noise levels and `noise` [B, L] the uniforms of the forward process, so the
@@ -78,7 +80,26 @@ def diffusion_loss(model: torch.nn.Module, input_ids: torch.Tensor, maskable: to
     ce = masked_token_ce(model, input_ids, masked, mask_id, attention_mask, sparse)
     weighted = per_sequence_sum(ce, masked) / p.to(ce.device)
     n = maskable.sum(1).clamp(min=1).to(ce.dtype)
-    return (weighted / n).mean()
+    per_row = weighted / n
+    return per_row if reduction == "none" else per_row.mean()
+
+
+def row_generator(seed: int, row: int) -> torch.Generator:
+    """A CPU generator that is a fixed function of (seed, row index): evaluation noise that belongs to the
+    row, not to the batch or the process it lands in (splitmix64 of the pair)."""
+    x = (seed * 0x9E3779B97F4A7C15 + row + 1) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return torch.Generator().manual_seed((x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF)
+
+
+def row_uniforms(generators: Sequence[torch.Generator], lengths: Sequence[int], width: int) -> torch.Tensor:
+    """[B, width] uniforms, row b drawn from `generators[b]` for its own `lengths[b]` positions only (the
+    rest is 2.0, above any threshold): how many numbers a row consumes never depends on its batch."""
+    out = torch.full((len(generators), width), 2.0)
+    for b, (gen, n) in enumerate(zip(generators, lengths)):
+        out[b, :n] = torch.rand(n, generator=gen)
+    return out
 
 
 def elbo_loss(model: torch.nn.Module, input_ids: torch.Tensor, maskable: torch.Tensor, mask_id: int,
@@ -98,7 +119,7 @@ def elbo_loss(model: torch.nn.Module, input_ids: torch.Tensor, maskable: torch.T
 
 @torch.no_grad()
 def likelihood_nll(model: torch.nn.Module, input_ids: torch.Tensor, maskable: torch.Tensor, mask_id: int,
-                   num_samples: int, generator: torch.Generator, sparse: bool = True,
+                   num_samples: int, generator: torch.Generator | Sequence[torch.Generator], sparse: bool = True,
                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Monte-Carlo upper bound on -log p(maskable part of x0) in nats per sequence, [B] (DESIGN §4).
 
@@ -106,20 +127,29 @@ def likelihood_nll(model: torch.nn.Module, input_ids: torch.Tensor, maskable: to
     sequence), mask exactly l_k of the n maskable tokens uniformly at random, score (n / l_k) * sum CE.
     When K is a multiple of n every l appears exactly K / n times and only the choice of positions
     is random. Non-maskable tokens (the prompt) are always visible. One forward pass per draw.
+    With one generator per row (a sequence), each row's draws come from its own generator over its
+    own attended positions, so a row's estimate does not depend on the batch it is in.
     """
     b, length = input_ids.shape
     device = input_ids.device
     n = maskable.sum(1)
     if bool((n == 0).any()):
         raise ValueError("likelihood_nll: a sequence has no maskable tokens")
-    u = torch.rand(b, generator=generator, device=generator.device).to(device)
+    if isinstance(generator, torch.Generator):
+        def uniforms(width: int) -> torch.Tensor:
+            return torch.rand((b, width), generator=generator, device=generator.device).to(device)
+    else:
+        lengths = (attention_mask.sum(1) if attention_mask is not None else torch.full((b,), length)).tolist()
+
+        def uniforms(width: int) -> torch.Tensor:
+            return row_uniforms(generator, [min(n_, width) for n_ in lengths], width).to(device)
+    u = uniforms(1)[:, 0]
     total = torch.zeros(b, dtype=torch.float64, device=device)
     for k in range(num_samples):
         frac = torch.remainder(u + k / num_samples, 1.0)
         l = (frac * n).floor().long().clamp(max=n - 1) + 1  # noqa: E741  (l as in DESIGN §4)
         # exactly l positions: the l smallest random scores among the maskable positions
-        scores = torch.rand((b, length), generator=generator, device=generator.device).to(device)
-        scores = scores.masked_fill(~maskable, 2.0)
+        scores = uniforms(length).masked_fill(~maskable, 2.0)
         rank = scores.argsort(1).argsort(1)
         masked = rank < l[:, None]
         ce = masked_token_ce(model, input_ids, masked, mask_id, attention_mask, sparse)

@@ -1,12 +1,13 @@
 """Per-position decisions of one denoising step: the candidate token, its confidence, and which positions commit.
 
-DESIGN §4 "Sampling": x̂ = argmax(logits / T + Gumbel) (T = 0 is argmax), a confidence per strategy, and the
-commit rules (the reference fixed-step schedule, highest-score-first selection).
+DESIGN §4 "Sampling": x̂ ~ softmax(logits / T), the distribution of argmax(logits / T + Gumbel) (T = 0 is
+argmax), a confidence per strategy, and the commit rules (the reference fixed-step schedule,
+highest-score-first selection).
 
 `decide` is what a sampler step calls: it works through the [N, V] logits in chunks of positions, so the
 float64 work of temperature sampling never holds more than `CHUNK_ELEMENTS` entries at once whatever the
-vocabulary and the number of masked positions (a 50k vocabulary x 4096 positions would otherwise be three
-1.6 GB float64/float32 copies), and it computes confidences from a log-sum-exp instead of a full softmax.
+vocabulary and the number of masked positions (a 50k vocabulary x 4096 positions would otherwise be several
+0.8-1.6 GB float32/float64 copies), and it computes confidences from a log-sum-exp instead of a softmax.
 """
 
 from __future__ import annotations
@@ -41,30 +42,6 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
-def choose_candidates(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                      noise: torch.Tensor | None) -> torch.Tensor:
-    """x̂ = argmax(filtered logits / T + Gumbel) with float64 Gumbel noise from uniforms `noise`;
-    T = 0 is the plain argmax (filters cannot change it)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    scaled = filter_logits(logits.double() / temperature, top_k, top_p)
-    gumbel = -torch.log(-torch.log(noise))
-    return (scaled + gumbel).argmax(-1)
-
-
-def confidences(probs: torch.Tensor, candidates: torch.Tensor, strategy: str,
-                uniform: torch.Tensor | None) -> torch.Tensor:
-    """Per-position confidence (higher commits first) for a strategy."""
-    if strategy == "low_confidence":
-        return probs.gather(-1, candidates[:, None]).squeeze(-1)
-    if strategy == "margin":
-        top2 = torch.topk(probs, 2, dim=-1).values
-        return top2[:, 0] - top2[:, 1]
-    if strategy == "entropy":
-        return torch.exp(-entropy(probs))
-    return uniform.to(probs.dtype)
-
-
 def entropy(probs: torch.Tensor) -> torch.Tensor:
     return torch.special.entr(probs).sum(-1)
 
@@ -91,18 +68,24 @@ def decide(logits: torch.Tensor, temperature: float, strategy: str, segments: Se
            chunk_elements: int | None = None) -> Decisions:
     """Candidates and confidences for [N, V] logits whose rows belong to consecutive `segments`.
 
-    `segments` lists (number of positions, generator) per canvas row, in order. Randomness is drawn from
-    each row's generator in row order and position order (Gumbel noise [n, V] at T > 0, then one uniform
-    per position for `random`), exactly as one `torch.rand((n, V))` per row would: a CPU generator gives
-    the same numbers whether a row's draws are split into chunks or not, so chunking changes no token.
+    T = 0: x̂ = argmax(logits). T > 0: x̂ is drawn from softmax(filtered logits / T) (top-k, then top-p of
+    the tempered distribution), the distribution DESIGN §4 writes as argmax(logits / T + Gumbel). It is
+    drawn by inverting the cumulative distribution with one uniform per position, which samples the same
+    distribution as Gumbel-max from V times fewer random numbers and about half the passes over [n, V]
+    (a Gumbel needs a uniform and two logarithms per vocabulary entry).
 
-    Where float64 matters: the Gumbel noise -log(-log u) and the scaled logits it is added to. With
-    float32 uniforms (steps of 2^-24) the largest Gumbel value is about 16.6 and its tail is cut off, so
-    unlikely tokens are under-sampled and near-equal scores tie; float64 (steps of 2^-53) keeps the
-    Gumbel-max draw an exact sample of softmax(filtered logits / T) to far below any observable level.
-    Confidences need no float64: `low_confidence` is exp(logit[x̂] - logsumexp(logits)) in float32, i.e.
-    softmax(logits)[x̂] without materialising the softmax; `margin` uses the two largest logits; only
-    `entropy` (strategy or bound) forms a softmax, one chunk at a time.
+    Where float64 matters, and why: the tempered weights exp((logit - max) / T), their running sum and
+    the uniform are float64. A float32 running sum over a 50k vocabulary has a relative step of 6e-8, so
+    every token below that share of the mass summed before it would lose its interval (up to ~3e-3 of the
+    total mass at 50k); a float32 uniform has steps of 2^-24, which would cut off the tail the same way
+    float32 Gumbel noise does. In float64 both effects are below 1e-12, far under anything observable.
+
+    Randomness comes from each row's generator (`segments`: (positions, generator) per canvas row, in
+    order): one float64 uniform per position in position order, then for `random` one float32 uniform per
+    position. A CPU generator yields the same numbers whether a row's draws are split into chunks or not,
+    so chunking changes no token. Confidences need no float64: `low_confidence` is
+    exp(logit[x̂] - logsumexp(logits)), i.e. softmax(logits)[x̂] without a softmax; `margin` uses the two
+    largest logits; only `entropy` (strategy or bound) forms a softmax, one chunk at a time.
     """
     n, vocab = logits.shape
     size = max(1, (chunk_elements or CHUNK_ELEMENTS) // max(vocab, 1))
@@ -119,17 +102,14 @@ def decide(logits: torch.Tensor, temperature: float, strategy: str, segments: Se
     else:
         bounds = [(s, min(s + size, n), None) for s in range(0, n, size)]
     for s, e, gen in bounds:
-        chunk = logits[s:e].float()  # a no-op for float32 logits; bf16 -> f32 per chunk only
+        chunk = logits[s:e].float()  # a no-op for float32 logits; bf16 -> f32 one chunk at a time
+        top, best = chunk.max(-1)     # one pass: the argmax and the shift for stable exponentials
         if temperature > 0:
-            scaled = filter_logits(chunk.double() / temperature, top_k, top_p)
-            gumbel = torch.rand(scaled.shape, generator=gen, dtype=torch.float64, device=device)
-            gumbel.log_().neg_().log_().neg_()
-            candidates[s:e] = scaled.add_(gumbel).argmax(-1)
-            del scaled, gumbel
+            candidates[s:e] = _sample(chunk, top, temperature, top_k, top_p, gen)
         else:
-            candidates[s:e] = chunk.argmax(-1)
+            candidates[s:e] = best
         if strategy in ("low_confidence", "margin"):
-            lse = torch.logsumexp(chunk, -1)
+            lse = top + (chunk - top[:, None]).exp_().sum(-1).log_()
             if strategy == "low_confidence":
                 confidence[s:e] = (chunk.gather(-1, candidates[s:e, None]).squeeze(-1) - lse).exp()
             else:
@@ -142,3 +122,20 @@ def decide(logits: torch.Tensor, temperature: float, strategy: str, segments: Se
     if strategy == "random":
         confidence = torch.cat([torch.rand(count, generator=gen, device=device) for count, gen in segments])
     return Decisions(candidates, confidence, ent)
+
+
+def _sample(chunk: torch.Tensor, top: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+            generator: torch.Generator) -> torch.Tensor:
+    """One draw per row of softmax(filtered chunk / T), by inverting the float64 cumulative weights."""
+    if top_k is not None or top_p is not None:
+        scaled = filter_logits(chunk.double() / temperature, top_k, top_p)
+        weights = scaled.sub_(scaled.max(-1, keepdim=True).values).exp_()
+    else:  # the same weights without the filter's copies: exp((logit - max) / T), exact subtraction in f64
+        weights = chunk.double().sub_(top[:, None]).div_(temperature).exp_()
+    cumulative = weights.cumsum_(-1)
+    total = cumulative[:, -1:]
+    u = torch.rand((chunk.shape[0], 1), generator=generator, dtype=torch.float64, device=chunk.device)
+    # Token i is drawn when cumulative[i-1] <= u * total < cumulative[i]: probability weight_i / total.
+    # (`nextafter` keeps a rounded-up product below the total, so a zero-weight tail is never drawn.)
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cumulative, target, right=True).squeeze(-1)

@@ -28,7 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast, Trainer, Trai
 
 from dlm.data.collators import PretrainCollator, SFTCollator
 from dlm.data.storage import PRETRAIN_FORMAT, SFT_FORMAT, load_prepared
-from dlm.diffusion import EPS, antithetic_times, diffusion_loss, elbo_loss
+from dlm.diffusion import EPS, antithetic_times, diffusion_loss, row_generator, row_uniforms
 from dlm.errors import UsageError
 from dlm.modeling import MODEL_CONFIGS, build_from_scratch, load_checkpoint, load_masked_lm
 from dlm.tokenization import load_tokenizer, special_ids
@@ -171,7 +171,9 @@ class DiffusionTrainer(Trainer):
         # Our loss is a per-micro-batch mean: let the Trainer divide it by the accumulation steps.
         self.loss_is_scaled_for_ga = False
         self._noise_step, self._micro = -1, 0
-        self._eval_batch = 0
+        self._eval_rows_seen, self._eval_total = 0, 0
+        if self.data_collator is not None:
+            self.data_collator = _KeepRowIndex(self.data_collator)
 
     # -- training -----------------------------------------------------------------------------
     def _step_generator(self, device: torch.device) -> torch.Generator:
@@ -187,7 +189,7 @@ class DiffusionTrainer(Trainer):
         input_ids = inputs["input_ids"]
         maskable = inputs["answer_mask"].bool() if "answer_mask" in inputs else torch.ones_like(input_ids, dtype=torch.bool)
         if not model.training:  # only reached through Trainer internals; eval goes via prediction_step
-            return self._eval_loss(model, input_ids, maskable)
+            return self._eval_losses(model, inputs).mean()
         gen = self._step_generator(input_ids.device)
         world, rank = max(self.args.world_size, 1), self.args.process_index
         b, length = input_ids.shape
@@ -218,23 +220,96 @@ class DiffusionTrainer(Trainer):
         return loss
 
     # -- evaluation ---------------------------------------------------------------------------
-    def evaluate(self, *args, **kwargs):
-        self._eval_batch = 0  # every evaluation replays the same noise: losses are comparable over time
-        return super().evaluate(*args, **kwargs)
+    # The eval loss is a property of the data: per row, the mean over rows of the row's own fixed-seed
+    # ELBO estimate. A row's noise comes from a generator seeded by (seed, its index in the eval set) and
+    # its time from one antithetic set over the whole eval set, t_i = (u + i / N) mod 1; SFT padding is
+    # neither attended nor scored. So neither the batch size nor the number of processes changes it,
+    # and every evaluation replays the same noise (losses are comparable over time).
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(dataset, str):  # the Trainer names one of several eval sets
+            dataset = self.eval_dataset[dataset]
+        if isinstance(dataset, dict):
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        self._eval_total, self._eval_rows_seen = len(dataset), 0
+        return super().evaluate(_RowIndexed(dataset), ignore_keys, metric_key_prefix)
 
-    def _eval_loss(self, model, input_ids, maskable) -> torch.Tensor:
-        gen = torch.Generator(device=input_ids.device).manual_seed(
-            _noise_seed(self.args.seed, -1, self._eval_batch, self.args.process_index))
-        self._eval_batch += 1
-        return elbo_loss(model, input_ids, maskable, self.mask_id, gen, sparse=self.sparse_head, eps=self.mask_eps)
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):
+        """The Trainer's loop gathers (row index, loss) pairs from every process; each row counts once."""
+        import numpy as np
+        from transformers.trainer_utils import EvalLoopOutput
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
+        output = super().evaluation_loop(dataloader, description, False, ignore_keys, metric_key_prefix)
+        metrics = dict(output.metrics)
+        if output.predictions is None:
+            return output
+        pairs = np.asarray(output.predictions, dtype=np.float64).reshape(-1, 2)
+        # Distributed samplers pad the last batch with repeats of early rows: keep one copy of each row.
+        _, first = np.unique(pairs[:, 0], return_index=True)
+        losses = pairs[first, 1]
+        metrics[f"{metric_key_prefix}_loss"] = float(losses.mean())
+        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=len(losses))
+
+    def _eval_losses(self, model, inputs) -> torch.Tensor:
+        """Per-row ELBO estimates [B] of a collated eval batch (with `row_index`, see `_RowIndexed`)."""
         input_ids = inputs["input_ids"]
         maskable = inputs["answer_mask"].bool() if "answer_mask" in inputs else torch.ones_like(input_ids, dtype=torch.bool)
+        attention = None
+        if "is_padding" in inputs:
+            maskable = maskable & ~inputs["is_padding"]
+            attention = (~inputs["is_padding"]).long()
+        b, width = input_ids.shape
+        if "row_index" in inputs:
+            rows = inputs["row_index"].tolist()
+        else:  # called outside `evaluate` (e.g. Trainer internals): number the rows as they come
+            rows = list(range(self._eval_rows_seen, self._eval_rows_seen + b))
+        self._eval_rows_seen = rows[-1] + 1
+        total = max(getattr(self, "_eval_total", 0), rows[-1] + 1)
+        u = torch.rand((), generator=torch.Generator().manual_seed(_noise_seed(self.args.seed, -1)))
+        t = torch.remainder(u + torch.tensor(rows, dtype=torch.float32) / total, 1.0)
+        lengths = attention.sum(1).tolist() if attention is not None else [width] * b
+        noise = row_uniforms([row_generator(self.args.seed, r) for r in rows], lengths, width)
+        return diffusion_loss(model, input_ids, maskable, self.mask_id, t.to(input_ids.device),
+                              noise.to(input_ids.device), attention, sparse=self.sparse_head, eps=self.mask_eps,
+                              reduction="none")
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """No loss here: (row index, loss) pairs travel as predictions, so `evaluation_loop` can count
+        each row once across processes (the Trainer's own loss gathering repeats a batch mean)."""
+        inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self._eval_loss(model, input_ids, maskable)
-        return loss.detach(), None, None
+            losses = self._eval_losses(model, inputs)
+        rows = inputs["row_index"] if "row_index" in inputs else torch.arange(len(losses))
+        return None, torch.stack([rows.to(losses.device, torch.float64), losses.double()], 1), None
+
+
+class _RowIndexed(torch.utils.data.Dataset):
+    """An eval dataset whose rows carry their index, for the per-row seeds of the eval noise."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.dataset[i], "row_index": i}
+
+
+class _KeepRowIndex:
+    """Wraps a collator so that `row_index` (added by `_RowIndexed`) survives batching."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, features):
+        if not features or "row_index" not in features[0]:
+            return self.collate(features)
+        rows = [f["row_index"] for f in features]
+        batch = self.collate([{k: v for k, v in f.items() if k != "row_index"} for f in features])
+        batch["row_index"] = torch.tensor(rows, dtype=torch.long)
+        return batch
 
 
 # ---------------------------------------------------------------------------------------------

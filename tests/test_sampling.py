@@ -9,7 +9,7 @@ import torch
 
 from dlm.errors import UsageError
 from dlm.modeling import build_from_scratch
-from dlm.policies import choose_candidates, filter_logits, fixed_step_schedule
+from dlm.policies import decide, filter_logits, fixed_step_schedule
 from dlm.prompts import encode_prompt
 from dlm.sampling import Denoiser, ModelDenoiser, SamplerConfig, generate
 from dlm.tokenization import special_ids
@@ -288,8 +288,7 @@ def test_top_k_and_top_p_restrict_the_support():
     assert 1 < len(nucleus) < 64
 
     def draws(top_k=None, top_p=None, n=3000):
-        noise = torch.rand(n, 64, generator=g, dtype=torch.float64)
-        return set(choose_candidates(logits.expand(n, -1), 1.0, top_k, top_p, noise).tolist())
+        return set(decide(logits.expand(n, -1), 1.0, "low_confidence", [(n, g)], top_k, top_p).candidates.tolist())
 
     assert draws(top_k=5) == top5
     assert draws(top_p=0.7) == nucleus
@@ -297,7 +296,7 @@ def test_top_k_and_top_p_restrict_the_support():
     assert set(order[:2]) <= draws(top_k=5, top_p=0.7) < top5
     assert len(draws()) > len(top5 | nucleus)  # unfiltered sampling reaches further: the checks are not vacuous
     assert (filter_logits(logits, top_p=1.0) == logits).all()
-    assert choose_candidates(logits, 0.0, 1, 0.1, None).item() == order[0]
+    assert decide(logits, 0.0, "low_confidence", [], 1, 0.1).candidates.item() == order[0]
 
 
 def test_top_k_one_sampling_equals_greedy(model, tokenizer):
@@ -388,9 +387,8 @@ def test_prompt_dependent_errors(model, tokenizer):
 
 
 def test_decide_in_chunks_equals_the_full_size_formulas():
-    """Chunked candidates/confidences = the unchunked formulas on whole [N, V] tensors with the same draws."""
-    from dlm.policies import confidences, decide, entropy
-
+    """Chunked candidates/confidences = plain formulas on whole [N, V] tensors with the same random draws:
+    x̂ by inverting the float64 cumulative softmax(filtered logits / T), confidences from the softmax."""
     g = torch.Generator().manual_seed(0)
     logits = 3 * torch.randn(23, 97, generator=g)
     logits[:, 5] = float("-inf")  # the mask id
@@ -400,21 +398,28 @@ def test_decide_in_chunks_equals_the_full_size_formulas():
             gens = [torch.Generator().manual_seed(10 + i) for i in range(3)]
             chunked = decide(logits, temperature, strategy, list(zip(counts, gens)), top_k, top_p,
                              need_entropy=True, chunk_elements=2 * 97)  # two positions per chunk
-            # The full-size reference: one (n, V) float64 noise tensor per row, then the uniforms.
             gens = [torch.Generator().manual_seed(10 + i) for i in range(3)]
-            noise = torch.cat([torch.rand((n, 97), generator=gi, dtype=torch.float64)
-                               for n, gi in zip(counts, gens)]) if temperature else None
+            if temperature:  # one float64 uniform per position, row by row
+                u = torch.cat([torch.rand(n, generator=gi, dtype=torch.float64) for n, gi in zip(counts, gens)])
+                probs64 = torch.softmax(filter_logits(logits.double() / temperature, top_k, top_p), -1)
+                cdf = probs64.cumsum(-1)
+                expected = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+            else:
+                expected = logits.argmax(-1)
             uniform = torch.cat([torch.rand(n, generator=gi) for n, gi in zip(counts, gens)])
-            expected = choose_candidates(logits, temperature, top_k, top_p, noise)
             probs = torch.softmax(logits, -1)
             assert torch.equal(chunked.candidates, expected)
-            assert torch.allclose(chunked.confidence, confidences(probs, expected, strategy, uniform).float(),
-                                  rtol=1e-5, atol=1e-7)
-            assert torch.allclose(chunked.entropy, entropy(probs), rtol=1e-5, atol=1e-6)
+            chosen = probs.gather(-1, expected[:, None]).squeeze(-1)
+            top2 = probs.topk(2, -1).values
+            ent = torch.special.entr(probs).sum(-1)
+            reference = {"low_confidence": chosen, "margin": top2[:, 0] - top2[:, 1], "entropy": torch.exp(-ent),
+                         "random": uniform}[strategy]
+            assert torch.allclose(chunked.confidence, reference, rtol=1e-5, atol=1e-7)
+            assert torch.allclose(chunked.entropy, ent, rtol=1e-5, atol=1e-6)
 
 
 def test_temperature_draws_follow_softmax_of_logits_over_t():
-    """Gumbel-max in chunks samples softmax(logits / T): chi-square over 40k draws of a 6-token vocabulary."""
+    """The chunked sampler draws softmax(logits / T): chi-square over 40k draws of a 6-token vocabulary."""
     from dlm.policies import decide
 
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).expand(40_000, -1).contiguous()

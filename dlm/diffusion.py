@@ -102,6 +102,28 @@ def row_uniforms(generators: Sequence[torch.Generator], lengths: Sequence[int], 
     return out
 
 
+def row_elbo_losses(model: torch.nn.Module, input_ids: torch.Tensor, maskable: torch.Tensor, mask_id: int,
+                    rows: Sequence[int], total: int, seed: int, padding: torch.Tensor | None = None,
+                    sparse: bool = True, eps: float = EPS) -> torch.Tensor:
+    """The Trainer's eval loss per row [B]: `diffusion_loss` with noise that belongs to each row.
+
+    Row r (its index in an eval set of `total` rows) takes t_r = (u + r / total) mod 1, one antithetic set
+    over the whole eval set (u from `seed`), and its mask noise from `row_generator(seed, r)`. `padding`
+    [B, L] (batch padding) is neither attended nor scored. So a row's value does not depend on the rows
+    it is batched with, nor on the process that evaluates it.
+    """
+    b, width = input_ids.shape
+    u = torch.rand((), generator=row_generator(seed, -1))
+    t = torch.remainder(u + torch.tensor(rows, dtype=torch.float32) / total, 1.0)
+    attention = None if padding is None else (~padding).long()
+    lengths = [width] * b if attention is None else attention.sum(1).tolist()
+    noise = row_uniforms([row_generator(seed, r) for r in rows], lengths, width)
+    if padding is not None:
+        maskable = maskable & ~padding
+    return diffusion_loss(model, input_ids, maskable, mask_id, t.to(input_ids.device), noise.to(input_ids.device),
+                          attention, sparse, eps, reduction="none")
+
+
 def elbo_loss(model: torch.nn.Module, input_ids: torch.Tensor, maskable: torch.Tensor, mask_id: int,
               generator: torch.Generator, attention_mask: torch.Tensor | None = None, sparse: bool = True,
               eps: float = EPS) -> torch.Tensor:

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
-from dlm.data.collators import PretrainCollator, SFTCollator
+from dlm.data.collators import KeepRowIndex, PretrainCollator, RowIndexed, SFTCollator, longest_final_answer
 from dlm.data.storage import PRETRAIN_FORMAT, SFT_FORMAT, load_prepared
-from dlm.diffusion import EPS, antithetic_times, diffusion_loss, row_generator, row_uniforms
+from dlm.diffusion import EPS, antithetic_times, diffusion_loss, row_elbo_losses
 from dlm.errors import UsageError
 from dlm.modeling import MODEL_CONFIGS, build_from_scratch, load_checkpoint, load_masked_lm
 from dlm.tokenization import load_tokenizer, special_ids
@@ -173,7 +173,7 @@ class DiffusionTrainer(Trainer):
         self._noise_step, self._micro = -1, 0
         self._eval_rows_seen, self._eval_total = 0, 0
         if self.data_collator is not None:
-            self.data_collator = _KeepRowIndex(self.data_collator)
+            self.data_collator = KeepRowIndex(self.data_collator)
 
     # -- training -----------------------------------------------------------------------------
     def _step_generator(self, device: torch.device) -> torch.Generator:
@@ -220,11 +220,9 @@ class DiffusionTrainer(Trainer):
         return loss
 
     # -- evaluation ---------------------------------------------------------------------------
-    # The eval loss is a property of the data: per row, the mean over rows of the row's own fixed-seed
-    # ELBO estimate. A row's noise comes from a generator seeded by (seed, its index in the eval set) and
-    # its time from one antithetic set over the whole eval set, t_i = (u + i / N) mod 1; SFT padding is
-    # neither attended nor scored. So neither the batch size nor the number of processes changes it,
-    # and every evaluation replays the same noise (losses are comparable over time).
+    # The eval loss is a property of the data: the mean over rows of each row's fixed-seed ELBO estimate
+    # (`row_elbo_losses`: noise seeded by the row's index, SFT padding neither attended nor scored). The
+    # batch size and the number of processes do not change it; every evaluation replays the same noise.
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         if isinstance(dataset, str):  # the Trainer names one of several eval sets
@@ -232,7 +230,7 @@ class DiffusionTrainer(Trainer):
         if isinstance(dataset, dict):
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         self._eval_total, self._eval_rows_seen = len(dataset), 0
-        return super().evaluate(_RowIndexed(dataset), ignore_keys, metric_key_prefix)
+        return super().evaluate(RowIndexed(dataset), ignore_keys, metric_key_prefix)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix: str = "eval"):
@@ -252,27 +250,17 @@ class DiffusionTrainer(Trainer):
         return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=len(losses))
 
     def _eval_losses(self, model, inputs) -> torch.Tensor:
-        """Per-row ELBO estimates [B] of a collated eval batch (with `row_index`, see `_RowIndexed`)."""
+        """Per-row ELBO estimates [B] of a collated eval batch (rows numbered by `RowIndexed`)."""
         input_ids = inputs["input_ids"]
         maskable = inputs["answer_mask"].bool() if "answer_mask" in inputs else torch.ones_like(input_ids, dtype=torch.bool)
-        attention = None
-        if "is_padding" in inputs:
-            maskable = maskable & ~inputs["is_padding"]
-            attention = (~inputs["is_padding"]).long()
-        b, width = input_ids.shape
+        padding = inputs.get("is_padding")
         if "row_index" in inputs:
             rows = inputs["row_index"].tolist()
         else:  # called outside `evaluate` (e.g. Trainer internals): number the rows as they come
-            rows = list(range(self._eval_rows_seen, self._eval_rows_seen + b))
+            rows = list(range(self._eval_rows_seen, self._eval_rows_seen + len(input_ids)))
         self._eval_rows_seen = rows[-1] + 1
-        total = max(getattr(self, "_eval_total", 0), rows[-1] + 1)
-        u = torch.rand((), generator=torch.Generator().manual_seed(_noise_seed(self.args.seed, -1)))
-        t = torch.remainder(u + torch.tensor(rows, dtype=torch.float32) / total, 1.0)
-        lengths = attention.sum(1).tolist() if attention is not None else [width] * b
-        noise = row_uniforms([row_generator(self.args.seed, r) for r in rows], lengths, width)
-        return diffusion_loss(model, input_ids, maskable, self.mask_id, t.to(input_ids.device),
-                              noise.to(input_ids.device), attention, sparse=self.sparse_head, eps=self.mask_eps,
-                              reduction="none")
+        return row_elbo_losses(model, input_ids, maskable, self.mask_id, rows, max(self._eval_total, rows[-1] + 1),
+                               self.args.seed, padding, sparse=self.sparse_head, eps=self.mask_eps)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """No loss here: (row index, loss) pairs travel as predictions, so `evaluation_loop` can count
@@ -282,34 +270,6 @@ class DiffusionTrainer(Trainer):
             losses = self._eval_losses(model, inputs)
         rows = inputs["row_index"] if "row_index" in inputs else torch.arange(len(losses))
         return None, torch.stack([rows.to(losses.device, torch.float64), losses.double()], 1), None
-
-
-class _RowIndexed(torch.utils.data.Dataset):
-    """An eval dataset whose rows carry their index, for the per-row seeds of the eval noise."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> dict:
-        return {**self.dataset[i], "row_index": i}
-
-
-class _KeepRowIndex:
-    """Wraps a collator so that `row_index` (added by `_RowIndexed`) survives batching."""
-
-    def __init__(self, collate):
-        self.collate = collate
-
-    def __call__(self, features):
-        if not features or "row_index" not in features[0]:
-            return self.collate(features)
-        rows = [f["row_index"] for f in features]
-        batch = self.collate([{k: v for k, v in f.items() if k != "row_index"} for f in features])
-        batch["row_index"] = torch.tensor(rows, dtype=torch.long)
-        return batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,10 +467,12 @@ def run_training(objective: str, model_args: ModelArguments, data_args: DataArgu
     trainer.train(resume_from_checkpoint=resume)
 
     out = Path(training_args.output_dir)
-    save_final_model(trainer, tokenizer, out / "final_model",
-                     extra={"objective": objective, "mask_eps": data_args.mask_eps,
-                            "prepared_data": str(data_args.path_to_prepped_data),
-                            "tokenizer_fingerprint": meta.get("tokenizer_fingerprint")})
+    extra = {"objective": objective, "mask_eps": data_args.mask_eps, "prepared_data": str(data_args.path_to_prepped_data),
+             "tokenizer_fingerprint": meta.get("tokenizer_fingerprint")}
+    if objective == "sft":  # the canvas the model knows: the sampling front ends default to it
+        extra["sft_canvas"] = {"longest_answer": longest_final_answer(train_set),
+                               "context_length": meta.get("context_length")}
+    save_final_model(trainer, tokenizer, out / "final_model", extra=extra)
     if trainer.is_world_process_zero():
         plot_loss_curve(trainer.state.log_history, out / "loss_curve.png", title=out.name)
         evals = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]

@@ -270,3 +270,53 @@ def test_eval_loss_is_the_same_on_one_and_two_gloo_processes(tiny_model_dir, sft
         results[name] = json.loads((out / "metrics.json").read_text())
     assert (results["single"]["world"], results["multi"]["world"]) == (1, 2)
     assert results["multi"]["eval_loss"] == pytest.approx(results["single"]["eval_loss"], abs=1e-5)
+
+
+# -- the canvas a model knows (issue 11, point 10) -------------------------------------------------
+
+def test_front_ends_default_to_the_canvas_recorded_at_sft(tiny_model_dir, tmp_path):
+    """With a dlm.json SFT record, inference.py's defaults decode exactly the canvas evaluate.py uses, so
+    they answer the same; a much longer canvas gets a one-line warning."""
+    import os
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "dlm.json").write_text(json.dumps({"objective": "sft",
+                                                "sft_canvas": {"longest_answer": 3, "context_length": 32}}))
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "answer": str(2 * a)}) + "\n" for a in range(4)))
+    preds = tmp_path / "preds.jsonl"
+    proc = run_evaluate("--model", str(model), "--tasks", str(tasks), "--save_predictions", str(preds), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["sampler"]["gen_length"] == 3
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    inference = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--model", str(model), "--prompts_file",
+                                str(tasks), "--json"], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert inference.returncode == 0, inference.stderr
+    answers = [json.loads(line) for line in inference.stdout.splitlines()]
+    assert [len(a["output_ids"]) for a in answers] == [3] * 4
+    assert [a["text"] for a in answers] == [json.loads(line)["prediction"] for line in preds.read_text().splitlines()]
+    assert "warning" not in inference.stderr.lower()
+    longer = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--model", str(model), "--prompt", "1+1=",
+                             "--gen_length", "64", "--json"], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert longer.returncode == 0, longer.stderr
+    warnings = [line for line in longer.stderr.splitlines() if "--gen_length 64" in line]
+    assert len(warnings) == 1 and "longest answer was 3 tokens" in warnings[0]
+    assert len(json.loads(longer.stdout)["output_ids"]) == 64
+
+
+def test_longest_final_answer_of_a_prepared_split(sft_prepared, tokenizer):
+    from dlm.data.collators import longest_final_answer
+    from dlm.data.storage import load_prepared
+
+    data, _ = load_prepared(sft_prepared, "dlm-sft", tokenizer)
+    expected = 0
+    for mask in data["train"]["answer_mask"]:
+        run = 0
+        for m in reversed(mask):
+            if not m:
+                break
+            run += 1
+        expected = max(expected, run)
+    assert expected > 5 and longest_final_answer(data["train"]) == expected

@@ -80,7 +80,9 @@ class SamplerArguments:
         if trained:
             longest, context = int(trained["longest_answer"]), trained.get("context_length")
             known = f"(its longest answer was {longest} tokens with the end-of-turn, in rows of at most {context})"
-            if self.seq_len is None and gen_length > max(2 * longest, longest + 8):
+            # Answers padded with EOS to the context length taught every canvas up to it.
+            limit = context if trained.get("answers_padded_to") == "context" and context else max(2 * longest, longest + 8)
+            if self.seq_len is None and gen_length > limit:
                 logger.warning("--gen_length %d is much longer than the canvases this model was fine-tuned on %s: "
                                "the extra masks may hurt its answers (default: %d)", gen_length, known, longest)
             elif self.seq_len is not None and context and self.seq_len > context:

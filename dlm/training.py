@@ -78,6 +78,9 @@ class DataArguments:
     crop_probability: float = field(default=0.01, metadata={
         "help": "Pretraining: fraction of batches cropped to a random length in [1, L]."})
     mask_eps: float = field(default=EPS, metadata={"help": "Minimum mask probability eps in p = (1-eps)t + eps."})
+    pad_answers_to_context: bool = field(default=False, metadata={
+        "help": "SFT: pad every answer with EOS (scored as answer) to the prepared context length, as LLaDA does, so "
+                "the model learns canvases up to that length (default: up to the longest row of each batch)."})
 
 
 @dataclass
@@ -239,9 +242,9 @@ class DiffusionTrainer(Trainer):
         from transformers.trainer_utils import EvalLoopOutput
 
         output = super().evaluation_loop(dataloader, description, False, ignore_keys, metric_key_prefix)
-        metrics = dict(output.metrics)
         if output.predictions is None:
             return output
+        metrics = dict(output.metrics)
         pairs = np.asarray(output.predictions, dtype=np.float64).reshape(-1, 2)
         # Distributed samplers pad the last batch with repeats of early rows: keep one copy of each row.
         _, first = np.unique(pairs[:, 0], return_index=True)
@@ -458,7 +461,8 @@ def run_training(objective: str, model_args: ModelArguments, data_args: DataArgu
         training_args.eval_on_start = False
     if model_args.lora:
         model = apply_lora(model, model_args)
-    collator = PretrainCollator() if objective == "pretrain" else SFTCollator(pad_id=ids.eos)
+    collator = PretrainCollator() if objective == "pretrain" else SFTCollator(
+        pad_id=ids.eos, pad_to_length=meta.get("context_length") if data_args.pad_answers_to_context else None)
 
     trainer = DiffusionTrainer(
         model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
@@ -470,8 +474,8 @@ def run_training(objective: str, model_args: ModelArguments, data_args: DataArgu
     extra = {"objective": objective, "mask_eps": data_args.mask_eps, "prepared_data": str(data_args.path_to_prepped_data),
              "tokenizer_fingerprint": meta.get("tokenizer_fingerprint")}
     if objective == "sft":  # the canvas the model knows: the sampling front ends default to it
-        extra["sft_canvas"] = {"longest_answer": longest_final_answer(train_set),
-                               "context_length": meta.get("context_length")}
+        extra["sft_canvas"] = {"longest_answer": longest_final_answer(train_set), "context_length": meta.get(
+            "context_length"), "answers_padded_to": "context" if data_args.pad_answers_to_context else "batch"}
     save_final_model(trainer, tokenizer, out / "final_model", extra=extra)
     if trainer.is_world_process_zero():
         plot_loss_curve(trainer.state.log_history, out / "loss_curve.png", title=out.name)

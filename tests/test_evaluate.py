@@ -320,3 +320,17 @@ def test_longest_final_answer_of_a_prepared_split(sft_prepared, tokenizer):
             run += 1
         expected = max(expected, run)
     assert expected > 5 and longest_final_answer(data["train"]) == expected
+
+
+def test_sft_collator_marks_padding_and_can_pad_to_a_fixed_canvas():
+    from dlm.data.collators import KeepRowIndex, SFTCollator
+
+    rows = [{"input_ids": [5, 6, 7], "answer_mask": [0, 1, 1]}, {"input_ids": [5, 6], "answer_mask": [0, 1]}]
+    batch = SFTCollator(pad_id=2)(rows)
+    assert batch["input_ids"].shape == (2, 8) and batch["input_ids"][1, 2:].eq(2).all()
+    assert batch["answer_mask"][1].tolist() == [0, 1] + [1] * 6  # training: the EOS padding is answer
+    assert batch["is_padding"][1].tolist() == [False, False] + [True] * 6  # evaluation leaves it out
+    fixed = SFTCollator(pad_id=2, pad_to_length=20)(rows)
+    assert fixed["input_ids"].shape == (2, 24) and fixed["answer_mask"][:, 3:].all()
+    indexed = KeepRowIndex(SFTCollator(pad_id=2))([{**r, "row_index": i + 4} for i, r in enumerate(rows)])
+    assert indexed["row_index"].tolist() == [4, 5] and torch.equal(indexed["input_ids"], batch["input_ids"])

@@ -27,14 +27,15 @@ class SFTCollator:
     scored region is its own answer (every assistant turn and its end-of-turn), whatever its neighbours.
     """
 
-    def __init__(self, pad_id: int, pad_to_multiple_of: int = 8):
+    def __init__(self, pad_id: int, pad_to_multiple_of: int = 8, pad_to_length: int | None = None):
         self.pad_id = pad_id
         self.multiple = pad_to_multiple_of
+        self.pad_to_length = pad_to_length  # LLaDA style: every row padded to a fixed canvas
 
     def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
         import torch
 
-        longest = max(len(f["input_ids"]) for f in features)
+        longest = max([len(f["input_ids"]) for f in features] + [self.pad_to_length or 0])
         width = -(-longest // self.multiple) * self.multiple
         ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
         answer = torch.ones((len(features), width), dtype=torch.bool)

@@ -70,15 +70,18 @@ def decide(logits: torch.Tensor, temperature: float, strategy: str, segments: Se
 
     T = 0: x̂ = argmax(logits). T > 0: x̂ is drawn from softmax(filtered logits / T) (top-k, then top-p of
     the tempered distribution), the distribution DESIGN §4 writes as argmax(logits / T + Gumbel). It is
-    drawn by inverting the cumulative distribution with one uniform per position, which samples the same
-    distribution as Gumbel-max from V times fewer random numbers and about half the passes over [n, V]
-    (a Gumbel needs a uniform and two logarithms per vocabulary entry).
+    drawn by inverting the cumulative distribution with one uniform per position (a block of 64 tokens by
+    the blocks' masses, then the token inside it), which samples the same distribution as Gumbel-max from
+    V times fewer random numbers and a third of the passes over [n, V] (a Gumbel needs a uniform and two
+    logarithms per vocabulary entry, and float64 copies to hold them).
 
-    Where float64 matters, and why: the tempered weights exp((logit - max) / T), their running sum and
-    the uniform are float64. A float32 running sum over a 50k vocabulary has a relative step of 6e-8, so
-    every token below that share of the mass summed before it would lose its interval (up to ~3e-3 of the
-    total mass at 50k); a float32 uniform has steps of 2^-24, which would cut off the tail the same way
-    float32 Gumbel noise does. In float64 both effects are below 1e-12, far under anything observable.
+    Where float64 matters, and why: the sums of the weights and the uniform. A float32 running sum over
+    a 50k vocabulary has a relative step of 6e-8, so every token below that share of the mass summed
+    before it would lose its interval (up to ~3e-3 of the total mass at 50k), and a float32 uniform has
+    steps of 2^-24, which cuts off the tail as float32 Gumbel noise does; in float64 both are below 1e-12.
+    The weights exp(logit / T - max / T) themselves are float32 (no [n, V] float64 copy): their rounding
+    is that of logits within 2 float32 ulps of the given ones, far below the model's own float32 noise.
+    With top-k/top-p the filtered, scaled logits are float64 (the filter sorts them anyway).
 
     Randomness comes from each row's generator (`segments`: (positions, generator) per canvas row, in
     order): one float64 uniform per position in position order, then for `random` one float32 uniform per
@@ -125,17 +128,27 @@ def decide(logits: torch.Tensor, temperature: float, strategy: str, segments: Se
 
 
 def _sample(chunk: torch.Tensor, top: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-            generator: torch.Generator) -> torch.Tensor:
-    """One draw per row of softmax(filtered chunk / T), by inverting the float64 cumulative weights."""
+            generator: torch.Generator, block: int = 64) -> torch.Tensor:
+    """One draw per row of softmax(filtered chunk / T): a float64 uniform picks a block of `block` tokens by
+    the blocks' float64 masses, then a token inside it by the block's float64 running sum."""
+    rows, vocab = chunk.shape
     if top_k is not None or top_p is not None:
         scaled = filter_logits(chunk.double() / temperature, top_k, top_p)
         weights = scaled.sub_(scaled.max(-1, keepdim=True).values).exp_()
-    else:  # the same weights without the filter's copies: exp((logit - max) / T), exact subtraction in f64
-        weights = chunk.double().sub_(top[:, None]).div_(temperature).exp_()
-    cumulative = weights.cumsum_(-1)
-    total = cumulative[:, -1:]
-    u = torch.rand((chunk.shape[0], 1), generator=generator, dtype=torch.float64, device=chunk.device)
-    # Token i is drawn when cumulative[i-1] <= u * total < cumulative[i]: probability weight_i / total.
-    # (`nextafter` keeps a rounded-up product below the total, so a zero-weight tail is never drawn.)
-    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cumulative, target, right=True).squeeze(-1)
+    else:  # exp(logit / T - max / T): one float32 pass and an in-place exp, no float64 copy of [rows, V]
+        weights = torch.add(top[:, None] / -temperature, chunk, alpha=1 / temperature).exp_()
+    if vocab % block:
+        weights = torch.nn.functional.pad(weights, (0, block - vocab % block))
+    blocks = weights.view(rows, -1, block)
+    mass = blocks.sum(-1, dtype=torch.float64)                        # [rows, V / block]
+    upto = mass.cumsum(-1)
+    u = torch.rand((rows, 1), generator=generator, dtype=torch.float64, device=chunk.device)
+    # Token i is drawn when (mass of the tokens before i) <= u * total < (that + weight_i): probability
+    # weight_i / total. Each `nextafter` keeps a rounded-up target below its sum, so a zero weight is never hit.
+    target = torch.minimum(u * upto[:, -1:], torch.nextafter(upto[:, -1:], torch.zeros_like(upto[:, -1:])))
+    j = torch.searchsorted(upto, target, right=True)                 # [rows, 1] the block
+    inside = blocks.gather(1, j[:, :, None].expand(-1, -1, block)).squeeze(1).double().cumsum(-1)
+    rest = (target - (upto.gather(1, j) - mass.gather(1, j))).clamp(min=0)
+    rest = torch.minimum(rest, torch.nextafter(inside[:, -1:], torch.zeros_like(rest)))
+    k = torch.searchsorted(inside, rest, right=True)
+    return (j * block + k).squeeze(-1)

@@ -388,7 +388,8 @@ def test_prompt_dependent_errors(model, tokenizer):
 
 def test_decide_in_chunks_equals_the_full_size_formulas():
     """Chunked candidates/confidences = plain formulas on whole [N, V] tensors with the same random draws:
-    x̂ by inverting the float64 cumulative softmax(filtered logits / T), confidences from the softmax."""
+    x̂ by inverting the cumulative softmax(filtered logits / T) (here in one float64 pass, no blocks),
+    confidences from the softmax."""
     g = torch.Generator().manual_seed(0)
     logits = 3 * torch.randn(23, 97, generator=g)
     logits[:, 5] = float("-inf")  # the mask id

@@ -298,12 +298,27 @@ def test_front_ends_default_to_the_canvas_recorded_at_sft(tiny_model_dir, tmp_pa
     assert [len(a["output_ids"]) for a in answers] == [3] * 4
     assert [a["text"] for a in answers] == [json.loads(line)["prediction"] for line in preds.read_text().splitlines()]
     assert "warning" not in inference.stderr.lower()
-    longer = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--model", str(model), "--prompt", "1+1=",
-                             "--gen_length", "64", "--json"], capture_output=True, text=True, cwd=ROOT, env=env)
-    assert longer.returncode == 0, longer.stderr
-    warnings = [line for line in longer.stderr.splitlines() if "--gen_length 64" in line]
-    assert len(warnings) == 1 and "longest answer was 3 tokens" in warnings[0]
-    assert len(json.loads(longer.stdout)["output_ids"]) == 64
+
+
+def test_a_much_longer_canvas_than_trained_gets_one_warning(tmp_path, caplog):
+    from dlm.cli import SamplerArguments, trained_canvas
+
+    (tmp_path / "dlm.json").write_text(json.dumps({"sft_canvas": {"longest_answer": 3, "context_length": 32}}))
+    trained = trained_canvas(str(tmp_path / "model.safetensors"))  # a bare weights file finds its folder's record
+    assert trained == {"longest_answer": 3, "context_length": 32} and trained_canvas(str(ROOT)) is None
+    with caplog.at_level("WARNING"):
+        assert SamplerArguments().to_config(128, trained).gen_length == 3
+        assert SamplerArguments(gen_length=11).to_config(128, trained).gen_length == 11
+        assert not caplog.records
+        SamplerArguments(gen_length=64).to_config(128, trained)
+        SamplerArguments(seq_len=48).to_config(128, trained)
+    assert [r.getMessage().split(" is ")[0] for r in caplog.records] == ["--gen_length 64", "--seq_len 48"]
+    assert all("longest answer was 3 tokens" in r.getMessage() and "\n" not in r.getMessage() for r in caplog.records)
+    padded = {"longest_answer": 3, "context_length": 32, "answers_padded_to": "context"}
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        SamplerArguments(gen_length=24).to_config(128, padded)  # answers were padded to 32: a known canvas
+    assert not caplog.records
 
 
 def test_longest_final_answer_of_a_prepared_split(sft_prepared, tokenizer):

@@ -70,8 +70,8 @@ def decide(logits: torch.Tensor, temperature: float, strategy: str, segments: Se
 
     T = 0: x̂ = argmax(logits). T > 0: x̂ is drawn from softmax(filtered logits / T) (top-k, then top-p of
     the tempered distribution), the distribution DESIGN §4 writes as argmax(logits / T + Gumbel). It is
-    drawn by inverting the cumulative distribution with one uniform per position (a block of 64 tokens by
-    the blocks' masses, then the token inside it), which samples the same distribution as Gumbel-max from
+    drawn by inverting the cumulative distribution with one uniform per position (a segment of the
+    vocabulary by the segments' masses, then the token inside it), which samples the same distribution as Gumbel-max from
     V times fewer random numbers and a third of the passes over [n, V] (a Gumbel needs a uniform and two
     logarithms per vocabulary entry, and float64 copies to hold them).
 
@@ -128,27 +128,26 @@ def decide(logits: torch.Tensor, temperature: float, strategy: str, segments: Se
 
 
 def _sample(chunk: torch.Tensor, top: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-            generator: torch.Generator, block: int = 64) -> torch.Tensor:
-    """One draw per row of softmax(filtered chunk / T): a float64 uniform picks a block of `block` tokens by
-    the blocks' float64 masses, then a token inside it by the block's float64 running sum."""
+            generator: torch.Generator) -> torch.Tensor:
+    """One draw per row of softmax(filtered chunk / T): a float64 uniform picks one of (up to 64) equal
+    segments of the vocabulary by their float64 masses, then a token inside it by its float64 running sum."""
     rows, vocab = chunk.shape
     if top_k is not None or top_p is not None:
         scaled = filter_logits(chunk.double() / temperature, top_k, top_p)
         weights = scaled.sub_(scaled.max(-1, keepdim=True).values).exp_()
     else:  # exp(logit / T - max / T): one float32 pass and an in-place exp, no float64 copy of [rows, V]
         weights = torch.add(top[:, None] / -temperature, chunk, alpha=1 / temperature).exp_()
-    if vocab % block:
-        weights = torch.nn.functional.pad(weights, (0, block - vocab % block))
-    blocks = weights.view(rows, -1, block)
-    mass = blocks.sum(-1, dtype=torch.float64)                        # [rows, V / block]
+    parts = max(d for d in range(1, 65) if vocab % d == 0)  # 64 for 50,368; long contiguous sums are fast
+    segments = weights.view(rows, parts, vocab // parts)
+    mass = segments.sum(-1, dtype=torch.float64)                      # [rows, parts]
     upto = mass.cumsum(-1)
     u = torch.rand((rows, 1), generator=generator, dtype=torch.float64, device=chunk.device)
     # Token i is drawn when (mass of the tokens before i) <= u * total < (that + weight_i): probability
     # weight_i / total. Each `nextafter` keeps a rounded-up target below its sum, so a zero weight is never hit.
-    target = torch.minimum(u * upto[:, -1:], torch.nextafter(upto[:, -1:], torch.zeros_like(upto[:, -1:])))
-    j = torch.searchsorted(upto, target, right=True)                 # [rows, 1] the block
-    inside = blocks.gather(1, j[:, :, None].expand(-1, -1, block)).squeeze(1).double().cumsum(-1)
+    total = upto[:, -1:]
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    j = torch.searchsorted(upto, target, right=True)                 # [rows, 1] the segment
+    inside = segments.gather(1, j[:, :, None].expand(-1, -1, segments.shape[2])).squeeze(1).double().cumsum(-1)
     rest = (target - (upto.gather(1, j) - mass.gather(1, j))).clamp(min=0)
     rest = torch.minimum(rest, torch.nextafter(inside[:, -1:], torch.zeros_like(rest)))
-    k = torch.searchsorted(inside, rest, right=True)
-    return (j * block + k).squeeze(-1)
+    return (j * segments.shape[2] + torch.searchsorted(inside, rest, right=True)).squeeze(-1)

@@ -71,9 +71,9 @@ def decide(logits: torch.Tensor, temperature: float, strategy: str, segments: Se
     T = 0: x̂ = argmax(logits). T > 0: x̂ is drawn from softmax(filtered logits / T) (top-k, then top-p of
     the tempered distribution), the distribution DESIGN §4 writes as argmax(logits / T + Gumbel). It is
     drawn by inverting the cumulative distribution with one uniform per position (a segment of the
-    vocabulary by the segments' masses, then the token inside it), which samples the same distribution as Gumbel-max from
-    V times fewer random numbers and a third of the passes over [n, V] (a Gumbel needs a uniform and two
-    logarithms per vocabulary entry, and float64 copies to hold them).
+    vocabulary by the segments' masses, then the token inside it): the same distribution as Gumbel-max
+    from V times fewer random numbers and a third of the passes over [n, V] (a Gumbel needs a uniform
+    and two logarithms per vocabulary entry, and float64 copies to hold them).
 
     Where float64 matters, and why: the sums of the weights and the uniform. A float32 running sum over
     a 50k vocabulary has a relative step of 6e-8, so every token below that share of the mass summed

@@ -14,7 +14,7 @@ import logging
 import sys
 from dataclasses import asdict, dataclass, field
 
-from dlm.cli import SamplerArguments
+from dlm.cli import SamplerArguments, trained_canvas
 from dlm.errors import ArgumentParser, UsageError, atomic_write_text, run_main, setup_logging
 from dlm.evaluation import evaluate_elbo, evaluate_tasks, format_table, load_tasks, prepared_format
 
@@ -64,7 +64,7 @@ def main() -> int:
         raise UsageError(f"--device must be auto, cpu or cuda, got {args.device!r}")
     # Check the cheap inputs before loading a model.
     items = load_tasks(args.tasks, args.max_tasks) if args.tasks else None
-    config = args.to_config(default_gen_length=16) if items else None
+    config = args.to_config(default_gen_length=16, trained=trained_canvas(weights)) if items else None
     if args.path_to_prepped_data:
         prepared_format(args.path_to_prepped_data)
 

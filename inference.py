@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from dlm.cli import SamplerArguments
+from dlm.cli import SamplerArguments, trained_canvas
 from dlm.errors import ArgumentParser, UsageError, run_main, setup_logging
 
 logger = logging.getLogger("inference")
@@ -232,7 +232,8 @@ def main() -> int:
     # Cheap checks first: a typo in a flag should not wait for a model to load.
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
-    config = args.to_config(default_gen_length=128)
+    # The canvas defaults to the one the checkpoint was fine-tuned on (dlm.json), else 128 masks.
+    config = args.to_config(default_gen_length=128, trained=trained_canvas(args.model or args.safetensors_path))
     prompts = list(args.prompt or [])
     if args.prompts_file:
         prompts += read_prompts_file(args.prompts_file)

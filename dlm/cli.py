@@ -6,10 +6,31 @@ heavy imports, and `to_config` turns them into the sampler's validated `SamplerC
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from dlm.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+
+def trained_canvas(model: str | None) -> dict | None:
+    """The SFT canvas recorded in a checkpoint's dlm.json (`longest_answer`, `context_length`), if any.
+
+    `model` is a checkpoint folder or a .safetensors file inside one; hub ids and older checkpoints
+    have no record (None).
+    """
+    if not model:
+        return None
+    folder = Path(model) if Path(model).is_dir() else Path(model).parent
+    try:
+        canvas = json.loads((folder / "dlm.json").read_text()).get("sft_canvas")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return canvas if isinstance(canvas, dict) and canvas.get("longest_answer") else None
 
 
 @dataclass
@@ -19,8 +40,8 @@ class SamplerArguments:
     seq_len: int | None = field(default=None, metadata={
         "help": "Total canvas length (prompt + generated), as in the reference recipe."})
     gen_length: int | None = field(default=None, metadata={
-        "help": "Masks to generate after the prompt (excludes --seq_len; default 128 in inference.py, "
-                "16 in evaluate.py)."})
+        "help": "Masks to generate after the prompt (excludes --seq_len). Default: the longest answer the "
+                "checkpoint was fine-tuned on (recorded in its dlm.json), else 128 in inference.py, 16 in evaluate.py."})
     num_steps: int | None = field(default=None, metadata={
         "aliases": ["--steps"],
         "help": "Fixed-step budget over all blocks; must be a multiple of the number of blocks "
@@ -48,14 +69,32 @@ class SamplerArguments:
                 "Fast-dLLM's prefix cache; outputs may change), off, or auto (exact when the model was "
                 "trained isolated, off otherwise)."})
 
-    def to_config(self, default_gen_length: int):
-        """The validated `SamplerConfig` of these flags (a `UsageError` names the bad flag)."""
+    def to_config(self, default_gen_length: int, trained: dict | None = None):
+        """The validated `SamplerConfig` of these flags (a `UsageError` names the bad flag).
+
+        `trained` (see `trained_canvas`) is the canvas the model was fine-tuned on: it gives the default
+        --gen_length, and a one-line warning when the canvas asked for is much longer than any it knows.
+        """
         from dlm.sampling import SamplerConfig  # torch: imported only once the flags are parsed
 
         if self.seq_len is not None and self.gen_length is not None:
             raise UsageError("--seq_len (total canvas) and --gen_length (generated part) exclude each other: pass one")
+        gen_length = self.gen_length
+        if gen_length is None:
+            gen_length = int(trained["longest_answer"]) if trained else default_gen_length
+        if trained:
+            longest, context = int(trained["longest_answer"]), trained.get("context_length")
+            known = f"(its longest answer was {longest} tokens with the end-of-turn, in rows of at most {context})"
+            # Answers padded with EOS to the context length taught every canvas up to it.
+            limit = context if trained.get("answers_padded_to") == "context" and context else max(2 * longest, longest + 8)
+            if self.seq_len is None and gen_length > limit:
+                logger.warning("--gen_length %d is much longer than the canvases this model was fine-tuned on %s: "
+                               "the extra masks may hurt its answers (default: %d)", gen_length, known, longest)
+            elif self.seq_len is not None and context and self.seq_len > context:
+                logger.warning("--seq_len %d is longer than the rows this model was fine-tuned on %s: the extra "
+                               "masks may hurt its answers (default: --gen_length %d)", self.seq_len, known, longest)
         return SamplerConfig(
-            gen_length=default_gen_length if self.gen_length is None else self.gen_length, seq_len=self.seq_len,
+            gen_length=gen_length, seq_len=self.seq_len,
             steps=self.num_steps, block_length=self.block_length, strategy=self.strategy, threshold=self.threshold,
             entropy_bound=self.entropy_bound, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
             cfg_scale=self.cfg_scale, stop_at_eos=not self.no_early_stop, prompt_cache=self.prompt_cache).validate()

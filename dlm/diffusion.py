@@ -139,8 +139,9 @@ def per_sequence_sum(values: torch.Tensor, selected: torch.Tensor) -> torch.Tens
 
 def diffusion_loss(model: torch.nn.Module, input_ids: torch.Tensor, maskable: torch.Tensor, mask_id: int,
                    t: torch.Tensor, noise: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   sparse: bool = True, eps: float = EPS, static_shapes: bool = True) -> torch.Tensor:
-    """The masked-diffusion training loss of one batch (DESIGN §4), a scalar.
+                   sparse: bool = True, eps: float = EPS, static_shapes: bool = True,
+                   reduction: str = "mean") -> torch.Tensor:
+    """The masked-diffusion training loss of one batch (DESIGN §4), a scalar (`reduction="none"`: [B] per row).
 
     loss = mean_b [ sum_{i masked} CE(b, i) / p_b ] / n_b with n_b = maskable tokens of row b.
     `t` [B] are the noise levels and `noise` [B, L] the uniforms of the forward process, so the
@@ -156,7 +157,49 @@ def diffusion_loss(model: torch.nn.Module, input_ids: torch.Tensor, maskable: to
     weighted = torch.zeros(masked.shape[0], dtype=ce.dtype, device=ce.device).index_add(0, rows, ce)
     weighted = weighted / p.to(ce.device)
     n = maskable.sum(1).clamp(min=1).to(ce.dtype)
-    return (weighted / n).mean()
+    per_row = weighted / n
+    return per_row if reduction == "none" else per_row.mean()
+
+
+def row_generator(seed: int, row: int) -> torch.Generator:
+    """A CPU generator that is a fixed function of (seed, row index): evaluation noise that belongs to the
+    row, not to the batch or the process it lands in (splitmix64 of the pair)."""
+    x = (seed * 0x9E3779B97F4A7C15 + row + 1) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return torch.Generator().manual_seed((x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF)
+
+
+def row_uniforms(generators: Sequence[torch.Generator], lengths: Sequence[int], width: int) -> torch.Tensor:
+    """[B, width] uniforms, row b drawn from `generators[b]` for its own `lengths[b]` positions only (the
+    rest is 2.0, above any threshold): how many numbers a row consumes never depends on its batch."""
+    out = torch.full((len(generators), width), 2.0)
+    for b, (gen, n) in enumerate(zip(generators, lengths)):
+        out[b, :n] = torch.rand(n, generator=gen)
+    return out
+
+
+def row_elbo_losses(model: torch.nn.Module, input_ids: torch.Tensor, maskable: torch.Tensor, mask_id: int,
+                    rows: Sequence[int], total: int, seed: int, padding: torch.Tensor | None = None,
+                    sparse: bool = True, eps: float = EPS, attention_mask=None) -> torch.Tensor:
+    """The Trainer's eval loss per row [B]: `diffusion_loss` with noise that belongs to each row.
+
+    Row r (its index in an eval set of `total` rows) takes t_r = (u + r / total) mod 1, one antithetic set
+    over the whole eval set (u from `seed`), and its mask noise from `row_generator(seed, r)`. `padding`
+    [B, L] (batch padding) is neither attended nor scored. So a row's value does not depend on the rows
+    it is batched with, nor on the process that evaluates it. `attention_mask` replaces the padding mask in
+    the forward pass (the prompt-isolation mask of an isolated model, padding included).
+    """
+    b, width = input_ids.shape
+    u = torch.rand((), generator=row_generator(seed, -1))
+    t = torch.remainder(u + torch.tensor(rows, dtype=torch.float32) / total, 1.0)
+    attention = None if padding is None else (~padding).long()
+    lengths = [width] * b if attention is None else attention.sum(1).tolist()
+    noise = row_uniforms([row_generator(seed, r) for r in rows], lengths, width)
+    if padding is not None:
+        maskable = maskable & ~padding
+    return diffusion_loss(model, input_ids, maskable, mask_id, t.to(input_ids.device), noise.to(input_ids.device),
+                          attention if attention_mask is None else attention_mask, sparse, eps, reduction="none")
 
 
 def elbo_loss(model: torch.nn.Module, input_ids: torch.Tensor, maskable: torch.Tensor, mask_id: int,
@@ -176,7 +219,7 @@ def elbo_loss(model: torch.nn.Module, input_ids: torch.Tensor, maskable: torch.T
 
 @torch.no_grad()
 def likelihood_nll(model: torch.nn.Module, input_ids: torch.Tensor, maskable: torch.Tensor, mask_id: int,
-                   num_samples: int, generator: torch.Generator, sparse: bool = True,
+                   num_samples: int, generator: torch.Generator | Sequence[torch.Generator], sparse: bool = True,
                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Monte-Carlo upper bound on -log p(maskable part of x0) in nats per sequence, [B] (DESIGN §4).
 
@@ -184,20 +227,29 @@ def likelihood_nll(model: torch.nn.Module, input_ids: torch.Tensor, maskable: to
     sequence), mask exactly l_k of the n maskable tokens uniformly at random, score (n / l_k) * sum CE.
     When K is a multiple of n every l appears exactly K / n times and only the choice of positions
     is random. Non-maskable tokens (the prompt) are always visible. One forward pass per draw.
+    With one generator per row (a sequence), each row's draws come from its own generator over its
+    own attended positions, so a row's estimate does not depend on the batch it is in.
     """
     b, length = input_ids.shape
     device = input_ids.device
     n = maskable.sum(1)
     if bool((n == 0).any()):
         raise ValueError("likelihood_nll: a sequence has no maskable tokens")
-    u = torch.rand(b, generator=generator, device=generator.device).to(device)
+    if isinstance(generator, torch.Generator):
+        def uniforms(width: int) -> torch.Tensor:
+            return torch.rand((b, width), generator=generator, device=generator.device).to(device)
+    else:
+        lengths = (attention_mask.sum(1) if attention_mask is not None else torch.full((b,), length)).tolist()
+
+        def uniforms(width: int) -> torch.Tensor:
+            return row_uniforms(generator, [min(n_, width) for n_ in lengths], width).to(device)
+    u = uniforms(1)[:, 0]
     total = torch.zeros(b, dtype=torch.float64, device=device)
     for k in range(num_samples):
         frac = torch.remainder(u + k / num_samples, 1.0)
         l = (frac * n).floor().long().clamp(max=n - 1) + 1  # noqa: E741  (l as in DESIGN §4)
         # exactly l positions: the l smallest random scores among the maskable positions
-        scores = torch.rand((b, length), generator=generator, device=generator.device).to(device)
-        scores = scores.masked_fill(~maskable, 2.0)
+        scores = uniforms(length).masked_fill(~maskable, 2.0)
         rank = scores.argsort(1).argsort(1)
         masked = rank < l[:, None]
         ce = masked_token_ce(model, input_ids, masked, mask_id, attention_mask, sparse)

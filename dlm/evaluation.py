@@ -10,8 +10,11 @@ Two normalisations are reported:
   * `nll_per_token` = sum_b nll_b / sum_b n_b, the per-token NLL behind the perplexity bound;
   * `loss`          = mean_b nll_b / n_b, what the Trainer's eval loss estimates (`elbo_loss` is a
                       per-row mean; for fixed-length pretraining rows the two coincide).
-Rows are batched with the training collators, so the maskable tokens (answer + its EOS padding in
-SFT) are exactly the ones the Trainer's eval loop scores, given the same batch size.
+The scored region of a row is fixed by the row alone (DESIGN §4): every token of a pretraining row; in
+SFT the answer as prepared (each assistant turn and its end-of-turn). The EOS padding that batching adds
+is neither attended nor scored, and each row draws its noise from a generator seeded by (seed, row
+index), so a row's estimate, and every figure here, is the same at any batch size. The Trainer's eval
+loss scores the same region.
 
 Tasks. Exact match after whitespace normalisation, with the accuracy's binomial standard error,
 forward passes (NFE) per generated token and tokens per second.
@@ -102,15 +105,16 @@ class ElboResult:
     format: str
 
 
-def elbo_rows(model: torch.nn.Module, batch_iter, mask_id: int, num_samples: int, generator: torch.Generator,
+def elbo_rows(model: torch.nn.Module, batch_iter, mask_id: int, num_samples: int, seed: int,
               mc_groups: int = 2, sparse: bool = True, progress=None) -> tuple[list[float], list[float], list[float]]:
-    """Per-row ELBO NLL (nats), maskable-token counts and Monte-Carlo variance of the NLL estimate.
+    """Per-row ELBO NLL (nats), scored-token counts and Monte-Carlo variance of the NLL estimate.
 
-    `batch_iter` yields collated batches (`input_ids`, optional `answer_mask` and `attention_mask`). Each row gets
-    `num_samples` draws in `mc_groups` independently stratified groups; the spread of the group
-    means estimates the Monte-Carlo variance of their average (unbiased, per row).
+    `batch_iter` yields collated batches (`input_ids`, optional `answer_mask`, `is_padding` and
+    `attention_mask`). Row i (counted over all batches) draws from `row_generator(seed, i)`. Each row gets
+    `num_samples` draws in `mc_groups` independently stratified groups; the spread of the group means
+    estimates the Monte-Carlo variance of their average (unbiased, per row).
     """
-    from dlm.diffusion import likelihood_nll
+    from dlm.diffusion import likelihood_nll, row_generator
     from dlm.isolation import is_isolated, isolation_attention_mask, prompt_lengths
 
     if num_samples < mc_groups or num_samples % mc_groups:
@@ -120,12 +124,16 @@ def elbo_rows(model: torch.nn.Module, batch_iter, mask_id: int, num_samples: int
     for batch in batch_iter:
         ids = batch["input_ids"].to(device)
         maskable = batch["answer_mask"].bool().to(device) if "answer_mask" in batch else torch.ones_like(ids, dtype=torch.bool)
-        # Rows of different lengths (the harness's requests) carry an attention mask: padding is not seen.
-        # A model trained with prompt isolation is scored as it was trained (and as it samples).
+        # Rows of different lengths (the harness's requests) carry an attention mask; SFT batch padding is
+        # not part of any row: neither attended nor scored.
         attention = batch["attention_mask"].to(device) if "attention_mask" in batch else None
-        if is_isolated(model):
+        if "is_padding" in batch:
+            padding = batch["is_padding"].to(device)
+            maskable, attention = maskable & ~padding, (~padding).long()
+        if is_isolated(model):  # a model trained with prompt isolation is scored as it was trained (and samples)
             attention = isolation_attention_mask(model, ids, prompt_lengths(maskable), attention)
-        groups = torch.stack([likelihood_nll(model, ids, maskable, mask_id, num_samples // mc_groups, generator,
+        generators = [row_generator(seed, len(nlls) + b) for b in range(len(ids))]
+        groups = torch.stack([likelihood_nll(model, ids, maskable, mask_id, num_samples // mc_groups, generators,
                                              sparse=sparse, attention_mask=attention).double().cpu()
                               for _ in range(mc_groups)])
         mean = groups.mean(0)
@@ -170,7 +178,8 @@ def prepared_format(data_path: str | Path) -> str:
 def evaluate_elbo(model: torch.nn.Module, tokenizer, data_path: str | Path, split: str = "test",
                   batch_size: int = 8, num_samples: int = 32, mc_groups: int = 2, seed: int = 0,
                   max_rows: int | None = None, sparse: bool = True) -> ElboResult:
-    """ELBO per-token NLL of a prepared split (pretraining or SFT folder), seeded and batched as in training."""
+    """ELBO per-token NLL of a prepared split (pretraining or SFT folder), seeded per row; the batch size
+    changes the speed, not the figures."""
     from transformers import default_data_collator
 
     from dlm.data.collators import SFTCollator
@@ -195,9 +204,8 @@ def evaluate_elbo(model: torch.nn.Module, tokenizer, data_path: str | Path, spli
             chunk = rows.select(range(start, min(start + batch_size, len(rows))))
             yield collate([{c: r[c] for c in columns} for r in chunk])
 
-    generator = torch.Generator().manual_seed(seed)
     model.eval()
-    nlls, counts, mc_vars = elbo_rows(model, batches(), ids.mask, num_samples, generator, mc_groups, sparse)
+    nlls, counts, mc_vars = elbo_rows(model, batches(), ids.mask, num_samples, seed, mc_groups, sparse)
     return summarize_elbo(nlls, counts, mc_vars, num_samples=num_samples, seed=seed, split=split, format=fmt)
 
 

@@ -308,8 +308,8 @@ class DLMEvalModel(TemplateLM):
                     batch["attention_mask"][b, :len(c) + len(x)] = 1
                 yield batch
 
-        generator = torch.Generator(device=self._device).manual_seed(self.seed)
-        nlls, _, variances = elbo_rows(self.model, batches(), self.tokenizer.mask_token_id, self.mc_samples, generator,
+        # Row k of the sorted order draws from row_generator(seed, k): fixed per request set, whatever the batch size.
+        nlls, _, variances = elbo_rows(self.model, batches(), self.tokenizer.mask_token_id, self.mc_samples, self.seed,
                                        self.mc_groups, self.sparse)
         out: list[tuple[float, float]] = [(0.0, 0.0)] * len(pairs)
         for k, nll, var in zip(order, nlls, variances):

@@ -103,7 +103,8 @@ def isolation_attention_mask(model: torch.nn.Module, input_ids: torch.Tensor, pr
 
 
 def batch_isolation_mask(model: torch.nn.Module, input_ids: torch.Tensor, maskable: torch.Tensor, pretrain: bool,
-                         generator: torch.Generator, world: int = 1, rank: int = 0):
+                         generator: torch.Generator, world: int = 1, rank: int = 0,
+                         attention_mask: torch.Tensor | None = None):
     """The isolation mask of a training batch: SFT rows split before their last answer run, pretraining rows
     at split points drawn for the global batch of `world` ranks (this rank keeps its rows, so every rank and
     a resumed run draw the same ones)."""
@@ -112,4 +113,4 @@ def batch_isolation_mask(model: torch.nn.Module, input_ids: torch.Tensor, maskab
         split = random_prompt_lengths(world * b, length, generator)[rank * b:(rank + 1) * b]
     else:
         split = prompt_lengths(maskable)
-    return isolation_attention_mask(model, input_ids, split.to(input_ids.device))
+    return isolation_attention_mask(model, input_ids, split.to(input_ids.device), attention_mask)

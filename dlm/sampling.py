@@ -28,12 +28,13 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
-from dlm.cache import select_denoiser
+from dlm.denoiser import Denoiser, ModelDenoiser, as_denoiser  # noqa: F401 (re-exported)
 from dlm.errors import UsageError
-from dlm.policies import choose_candidates, commit_mask, confidences, entropy, fixed_step_schedule
+from dlm.policies import commit_mask, decide, fixed_step_schedule
 from dlm.prompts import Prompt, encode_prompt, stop_ids_for
 from dlm.sampler_config import STRATEGIES, SamplerConfig  # noqa: F401 (re-exported: the sampler's settings)
 
@@ -60,54 +61,28 @@ class SampleResult:
 
 @dataclass
 class StepEvent:
-    """What `on_step` sees after every step: the whole batch, rows in prompt order."""
+    """What `on_step` sees after every step: the whole batch, rows in prompt order.
 
-    step: int
-    canvases: list[list[int]]    # each row's output region, mask id where undecided
-    nfe: list[int]
-    done: list[bool]
-    remaining: list[int]         # masks left per row
-    total: list[int]             # masks at the start per row
-    mask_id: int
-
-
-class Denoiser:
-    """The seam between sampler and network: logits at selected canvas positions.
-
-    `logits(canvas [B, L], attention_mask [B, L], select [B, L] bool, rows [B])` returns [N, V] float
-    logits for the selected positions in row-major order. `rows` says which rows of the generation
-    batch these are (with classifier-free guidance an unconditional copy has an id of its own), so a
-    subclass can keep per-row state such as a prompt key/value cache between calls. Ids are unique for the
-    sampler's lifetime (rows join and leave a running batch in the server); `forget` is told when they leave.
-    Any object with `device`, `max_positions` and `logits` is a denoiser (the prompt-cached ones of `dlm.cache` are).
+    `canvases` (each row's output region, mask id where undecided) and `remaining` (masks left per
+    row) are read from the device on first access only, so a listener that skips a frame costs nothing.
     """
 
-    device: torch.device
-    max_positions: int | None = None
+    step: int
+    nfe: list[int]
+    done: list[bool]
+    total: list[int]             # masks at the start per row
+    mask_id: int
+    _snapshot: torch.Tensor = field(repr=False)
+    _spans: list[tuple[int, int]] = field(repr=False)
 
-    def logits(self, canvas: torch.Tensor, attention_mask: torch.Tensor, select: torch.Tensor,
-               rows: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    @cached_property
+    def canvases(self) -> list[list[int]]:
+        rows = self._snapshot.tolist()
+        return [row[a:b] for row, (a, b) in zip(rows, self._spans)]
 
-    def forget(self, rows: list[int]) -> None:
-        """These row ids left the batch for good: drop any state kept for them (a no-op here)."""
-
-
-class ModelDenoiser(Denoiser):
-    """A full forward pass of any masked LM, with the MLM head run only on the selected rows."""
-
-    def __init__(self, model: torch.nn.Module, sparse: bool = True):
-        from dlm.modeling import unwrap
-
-        self.model = model
-        self.sparse = sparse
-        self.device = next(model.parameters()).device
-        self.max_positions = getattr(getattr(unwrap(model), "config", None), "max_position_embeddings", None)
-
-    def logits(self, canvas, attention_mask, select, rows):
-        from dlm.modeling import selected_logits
-
-        return selected_logits(self.model, canvas, select, attention_mask, sparse=self.sparse)
+    @cached_property
+    def remaining(self) -> list[int]:
+        return [sum(t == self.mask_id for t in region) for region in self.canvases]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -183,16 +158,6 @@ def _generate_batch(model, tokenizer, prompts: list[Prompt], cfg: SamplerConfig,
     finally:
         if was_training:
             model.train()
-
-
-def as_denoiser(model, cfg: SamplerConfig | None = None, mask_id: int | None = None) -> Denoiser:
-    """`model` itself when it is a denoiser; for a masked LM the denoiser that `cfg.prompt_cache` (default
-    auto) asks for (`dlm.cache.select_denoiser`: the prompt cache, or the isolation mask of a model trained
-    with prompt isolation), else a full-forward `ModelDenoiser` around it."""
-    if not isinstance(model, torch.nn.Module):
-        return model
-    mode, block = (cfg.prompt_cache, cfg.block_length) if cfg is not None else ("auto", None)
-    return select_denoiser(model, mode, mask_id, block) or ModelDenoiser(model)
 
 
 class _Sampler:
@@ -368,7 +333,8 @@ class _Sampler:
         ids = torch.tensor([rows[b].id for b in active], device=canvas.device)
         guided = [j for j, b in enumerate(active) if rows[b].cfg.cfg_scale > 0]
         if not guided:
-            return self.denoiser.logits(canvas, attention, select, ids).float()
+            # Kept in the model's dtype: `decide` converts chunk by chunk, never the whole [N, V] at once.
+            return self.denoiser.logits(canvas, attention, select, ids)
         for j in guided:
             if rows[active[j]].uncond_id is None:
                 rows[active[j]].uncond_id, self._next_id = self._next_id, self._next_id + 1
@@ -404,16 +370,18 @@ class _Sampler:
         for j, b in enumerate(active):
             groups.setdefault(_decision_key(rows[b].cfg), []).append(j)
         if len(groups) == 1:
-            canvas = self._decide(rows[active[0]].cfg, active, canvas, select, logits, width)
+            canvas = self._decide(rows[active[0]].cfg, active, idx, canvas, select, logits, width)
         else:
             owner = torch.arange(len(active), device=canvas.device).repeat_interleave(select.sum(1))
             for members in groups.values():
                 m = torch.tensor(members, device=canvas.device)
                 sub = [active[j] for j in members]
-                canvas[m] = self._decide(rows[sub[0]].cfg, sub, canvas[m], select[m],
+                canvas[m] = self._decide(rows[sub[0]].cfg, sub, idx[m], canvas[m], select[m],
                                          logits[torch.isin(owner, m)], width)
+        del logits
         self.canvas[idx, :width] = canvas
 
+        # One host sync after the commit. A row stopped early has no mask left, so it is complete too.
         complete = ~(canvas == self.mask_id).any(1)
         for b, finished in zip(active, complete.tolist()):
             row = rows[b]
@@ -426,28 +394,23 @@ class _Sampler:
             if finished and not row.done:
                 self._finish(row)
 
-    def _decide(self, cfg: SamplerConfig, active: list[int], canvas: torch.Tensor, select: torch.Tensor,
-                logits: torch.Tensor, width: int) -> torch.Tensor:
+    def _decide(self, cfg: SamplerConfig, active: list[int], idx: torch.Tensor, canvas: torch.Tensor,
+                select: torch.Tensor, logits: torch.Tensor, width: int) -> torch.Tensor:
         """Candidates, confidences and commits for rows sharing one set of decision settings."""
         rows = self.rows
-        per_row = select.sum(1).tolist()
-        noise = uniform = None
-        if cfg.temperature > 0:
-            noise = torch.cat([torch.rand((n, logits.shape[1]), generator=rows[b].generator, dtype=torch.float64,
-                                          device=logits.device) for b, n in zip(active, per_row)])
-        if cfg.strategy == "random":
-            uniform = torch.cat([torch.rand(n, generator=rows[b].generator, device=logits.device)
-                                 for b, n in zip(active, per_row)])
-        candidates = choose_candidates(logits, cfg.temperature, cfg.top_k, cfg.top_p, noise)
-        probs = torch.softmax(logits, dim=-1)
-        conf = confidences(probs, candidates, cfg.strategy, uniform)
+        segments = ()
+        if cfg.temperature > 0 or cfg.strategy == "random":
+            # The one host sync before the commit: each row's count, to draw from its own generator.
+            segments = list(zip(select.sum(1).tolist(), (rows[b].generator for b in active)))
+        decision = decide(logits, cfg.temperature, cfg.strategy, segments, cfg.top_k, cfg.top_p,
+                          need_entropy=cfg.entropy_bound is not None)
 
         score = torch.full(select.shape, float("-inf"), device=canvas.device)
-        score[select] = conf.float()
+        score[select] = decision.confidence
         if cfg.entropy_bound is not None:
             # Largest set under the bound = the lowest-entropy positions while the running sum fits.
             ent = torch.full(select.shape, float("inf"), device=canvas.device)
-            ent[select] = entropy(probs)
+            ent[select] = decision.entropy
             score = -ent
             fits = (ent.sort(dim=1).values.cumsum(1) <= cfg.entropy_bound).sum(1)
             counts = fits.clamp(min=1)
@@ -458,35 +421,29 @@ class _Sampler:
         commit = commit_mask(select, score, counts)
 
         proposal = torch.zeros_like(canvas)
-        proposal[select] = candidates
+        proposal[select] = decision.candidates
         canvas = torch.where(commit, proposal, canvas)
         if cfg.stop_at_eos and self.stop_ids:
-            canvas = self._early_stop(canvas, active, width)
+            canvas = self._early_stop(canvas, idx, width)
         return canvas
 
-    def _early_stop(self, canvas: torch.Tensor, active: list[int], width: int) -> torch.Tensor:
+    def _early_stop(self, canvas: torch.Tensor, idx: torch.Tensor, width: int) -> torch.Tensor:
         """Rows whose first generated stop token has only decided positions before it: fill the rest
-        of their masks with EOS and finish them (no more forward passes)."""
-        idx = torch.tensor(active, device=canvas.device)
+        of their masks with EOS, which leaves them complete (no more forward passes). No host sync."""
         cols = torch.arange(width, device=canvas.device).expand_as(canvas)
         is_stop = torch.isin(canvas, self.stop_tensor) & ~self.fixed[idx, :width] & self.tail[idx, :width]
         first = torch.where(is_stop, cols, width).min(1).values
         undecided_before = ((canvas == self.mask_id) & (cols < first[:, None])).any(1)
         stopped = (first < width) & ~undecided_before
-        if stopped.any():
-            fill = stopped[:, None] & (cols > first[:, None]) & (canvas == self.mask_id)
-            canvas = canvas.masked_fill(fill, self.fill_id)
-            for b, s in zip(active, stopped.tolist()):
-                if s:
-                    self._finish(self.rows[b])
-        return canvas
+        fill = stopped[:, None] & (cols > first[:, None]) & (canvas == self.mask_id)
+        return canvas.masked_fill(fill, self.fill_id)
 
     def _event(self) -> StepEvent:
-        regions = [self._region(b) for b in range(len(self.rows))]
-        return StepEvent(step=self.step, canvases=regions, nfe=[r.nfe for r in self.rows],
-                         done=[r.done for r in self.rows],
-                         remaining=[sum(t == self.mask_id for t in reg) for reg in regions],
-                         total=[r.total_masks for r in self.rows], mask_id=self.mask_id)
+        # A device copy of the canvas, read back only if the listener looks at the canvases.
+        spans = [(r.prompt_len, r.length) for r in self.rows]
+        return StepEvent(step=self.step, nfe=[r.nfe for r in self.rows], done=[r.done for r in self.rows],
+                         total=[r.total_masks for r in self.rows], mask_id=self.mask_id,
+                         _snapshot=self.canvas.clone(), _spans=spans)
 
     def _result(self, b: int) -> SampleResult:
         row = self.rows[b]

@@ -24,9 +24,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, Trainer, TrainingArguments, default_data_collator
 
 from dlm.checkpoints import AtomicCheckpoints, check_resume_fits, resolve_resume
-from dlm.data.collators import SFTCollator
+from dlm.data.collators import KeepRowIndex, RowIndexed, SFTCollator, longest_final_answer
 from dlm.data.storage import PRETRAIN_FORMAT, SFT_FORMAT, load_prepared
-from dlm.diffusion import EPS, antithetic_times, diffusion_loss, elbo_loss
+from dlm.diffusion import EPS, antithetic_times, diffusion_loss, row_elbo_losses
 from dlm.distributed import check_launch, check_sharded_setup, count_non_finite, save_final_model
 from dlm.errors import ArgumentParser, UsageError
 from dlm.isolation import batch_isolation_mask, check_supported, mark_isolated
@@ -83,6 +83,9 @@ class DataArguments:
                 "sampling can cache the prompt exactly (--prompt_cache exact). SFT: the prompt is everything "
                 "before the last answer turn; pretraining: a split point drawn per row, uniform over {0..L-1}. "
                 "Recorded in the checkpoint (config.json and dlm.json)."})
+    pad_answers_to_context: bool = field(default=False, metadata={
+        "help": "SFT: pad every answer with EOS (scored as answer) to the prepared context length, as LLaDA does, so "
+                "the model learns canvases up to that length (default: up to the longest row of each batch)."})
 
 
 @dataclass
@@ -217,7 +220,9 @@ class DiffusionTrainer(AtomicCheckpoints, Trainer):
         # Our loss is a per-micro-batch mean: let the Trainer divide it by the accumulation steps.
         self.loss_is_scaled_for_ga = False
         self._noise_step, self._micro = -1, 0
-        self._eval_batch = 0
+        self._eval_rows_seen, self._eval_total = 0, 0
+        if self.data_collator is not None:
+            self.data_collator = KeepRowIndex(self.data_collator)
 
     # -- training -----------------------------------------------------------------------------
     def _generator(self, device: torch.device, *parts: int) -> torch.Generator:
@@ -235,7 +240,7 @@ class DiffusionTrainer(AtomicCheckpoints, Trainer):
         input_ids = inputs["input_ids"]
         maskable = inputs["answer_mask"].bool() if "answer_mask" in inputs else torch.ones_like(input_ids, dtype=torch.bool)
         if not model.training:  # only reached through Trainer internals; eval goes via prediction_step
-            return self._eval_loss(model, input_ids, maskable)
+            return self._eval_losses(model, inputs).mean()
         device, micro = input_ids.device, self._micro_index()
         world, rank = max(self.args.world_size, 1), self.args.process_index
         accumulation = max(self.args.gradient_accumulation_steps, 1)
@@ -274,27 +279,63 @@ class DiffusionTrainer(AtomicCheckpoints, Trainer):
         return loss
 
     # -- evaluation ---------------------------------------------------------------------------
-    def evaluate(self, *args, **kwargs):
-        self._eval_batch = 0  # every evaluation replays the same noise: losses are comparable over time
-        return super().evaluate(*args, **kwargs)
+    # The eval loss is a property of the data: the mean over rows of each row's fixed-seed ELBO estimate
+    # (`row_elbo_losses`: noise seeded by the row's index, SFT padding neither attended nor scored). The
+    # batch size and the number of processes do not change it; every evaluation replays the same noise.
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(dataset, str):  # the Trainer names one of several eval sets
+            dataset = self.eval_dataset[dataset]
+        if isinstance(dataset, dict):
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        self._eval_total, self._eval_rows_seen = len(dataset), 0
+        return super().evaluate(RowIndexed(dataset), ignore_keys, metric_key_prefix)
 
-    def _eval_loss(self, model, input_ids, maskable) -> torch.Tensor:
-        gen = torch.Generator(device=input_ids.device).manual_seed(
-            _noise_seed(self.args.seed, -1, self._eval_batch, self.args.process_index))
-        self._eval_batch += 1
-        isolation = batch_isolation_mask(model, input_ids, maskable, self.objective == "pretrain", torch.Generator(
-            device=input_ids.device).manual_seed(_noise_seed(self.args.seed, -2, self._eval_batch))) \
-            if self.prompt_isolation else None
-        return elbo_loss(model, input_ids, maskable, self.mask_id, gen, sparse=self.sparse_head, eps=self.mask_eps,
-                         attention_mask=isolation)
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):
+        """The Trainer's loop gathers (row index, loss) pairs from every process; each row counts once."""
+        import numpy as np
+        from transformers.trainer_utils import EvalLoopOutput
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
+        output = super().evaluation_loop(dataloader, description, False, ignore_keys, metric_key_prefix)
+        if output.predictions is None:
+            return output
+        metrics = dict(output.metrics)
+        pairs = np.asarray(output.predictions, dtype=np.float64).reshape(-1, 2)
+        # Distributed samplers pad the last batch with repeats of early rows: keep one copy of each row.
+        _, first = np.unique(pairs[:, 0], return_index=True)
+        losses = pairs[first, 1]
+        metrics[f"{metric_key_prefix}_loss"] = float(losses.mean())
+        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=len(losses))
+
+    def _eval_losses(self, model, inputs) -> torch.Tensor:
+        """Per-row ELBO estimates [B] of a collated eval batch (rows numbered by `RowIndexed`)."""
         input_ids = inputs["input_ids"]
         maskable = inputs["answer_mask"].bool() if "answer_mask" in inputs else torch.ones_like(input_ids, dtype=torch.bool)
+        padding = inputs.get("is_padding")
+        if "row_index" in inputs:
+            rows = inputs["row_index"].tolist()
+        else:  # called outside `evaluate` (e.g. Trainer internals): number the rows as they come
+            rows = list(range(self._eval_rows_seen, self._eval_rows_seen + len(input_ids)))
+        self._eval_rows_seen = rows[-1] + 1
+        isolation = None
+        if self.prompt_isolation:  # scored as trained: split points of pretraining rows seeded by the first row
+            isolation = batch_isolation_mask(
+                model, input_ids, maskable if padding is None else maskable & ~padding, self.objective == "pretrain",
+                torch.Generator().manual_seed(_noise_seed(self.args.seed, -2, rows[0])),
+                attention_mask=None if padding is None else (~padding).long())
+        return row_elbo_losses(model, input_ids, maskable, self.mask_id, rows, max(self._eval_total, rows[-1] + 1),
+                               self.args.seed, padding, sparse=self.sparse_head, eps=self.mask_eps,
+                               attention_mask=isolation)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """No loss here: (row index, loss) pairs travel as predictions, so `evaluation_loop` can count
+        each row once across processes (the Trainer's own loss gathering repeats a batch mean)."""
+        inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self._eval_loss(model, input_ids, maskable)
-        return loss.detach(), None, None
+            losses = self._eval_losses(model, inputs)
+        rows = inputs["row_index"] if "row_index" in inputs else torch.arange(len(losses))
+        return None, torch.stack([rows.to(losses.device, torch.float64), losses.double()], 1), None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,7 +479,8 @@ def run_training(objective: str, model_args: ModelArguments, data_args: DataArgu
     mark_isolated(model, data_args.prompt_isolation)  # saved in config.json, so inference knows
     if model_args.lora:
         model = apply_lora(model, model_args, tokenizer)
-    collator = default_data_collator if objective == "pretrain" else SFTCollator(pad_id=ids.eos)
+    collator = default_data_collator if objective == "pretrain" else SFTCollator(
+        pad_id=ids.eos, pad_to_length=meta.get("context_length") if data_args.pad_answers_to_context else None)
 
     trainer = DiffusionTrainer(
         model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
@@ -448,11 +490,13 @@ def run_training(objective: str, model_args: ModelArguments, data_args: DataArgu
     trainer.train(resume_from_checkpoint=resume)
 
     out = Path(training_args.output_dir)
-    save_final_model(trainer, tokenizer, out / "final_model",
-                     extra={"objective": objective, "mask_eps": data_args.mask_eps,
-                            "prompt_isolation": data_args.prompt_isolation,
-                            "prepared_data": str(data_args.path_to_prepped_data),
-                            "tokenizer_fingerprint": meta.get("tokenizer_fingerprint")})
+    extra = {"objective": objective, "mask_eps": data_args.mask_eps, "prompt_isolation": data_args.prompt_isolation,
+             "prepared_data": str(data_args.path_to_prepped_data),
+             "tokenizer_fingerprint": meta.get("tokenizer_fingerprint")}
+    if objective == "sft":  # the canvas the model knows: the sampling front ends default to it
+        extra["sft_canvas"] = {"longest_answer": longest_final_answer(train_set), "context_length": meta.get(
+            "context_length"), "answers_padded_to": "context" if data_args.pad_answers_to_context else "batch"}
+    save_final_model(trainer, tokenizer, out / "final_model", extra=extra)
     if trainer.is_world_process_zero():
         plot_loss_curve(trainer.state.log_history, out / "loss_curve.png", title=out.name)
         evals = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]

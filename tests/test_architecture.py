@@ -30,6 +30,7 @@ LAYERS = {
     "dlm.sampler_config": 3,
     "dlm.sampling": 5,
     "dlm.cache": 5,
+    "dlm.denoiser": 5,
     "dlm.evaluation": 6,
     "dlm.cli": 7,
     "dlm.display": 7,

@@ -177,3 +177,175 @@ def test_evaluate_cli_bad_input_is_one_line_exit_2(tiny_model_dir, tmp_path, arg
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and message in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+# -- the scored region and distributed eval (issue 11, points 7 and 8) ----------------------------
+
+@pytest.fixture(scope="module")
+def sft_prepared(tmp_path_factory, tiny_model_dir):
+    """Real prepare_sft output: answers of very different lengths, so batch padding would matter."""
+    from dlm.data.chat import SFTDataArguments, prepare_sft
+
+    work = tmp_path_factory.mktemp("sft_eval")
+    records = [{"instruction": f"Question {a}: what follows {a}?",
+                "output": " ".join(["then"] * (1 + (a * 7) % 13)) + f" {a + 1}."} for a in range(60)]
+    (work / "alpaca.json").write_text(json.dumps(records))
+    prepare_sft(SFTDataArguments(path_to_data_store=str(work / "data"), hf_model_name=str(tiny_model_dir),
+                                 data_files=[str(work / "alpaca.json")], context_length=64, test_split_pct=0.2))
+    return work / "data"
+
+
+def _trainer_eval_loss(model, tok, data_path, batch_size: int, seed: int = 3) -> float:
+    from dlm.data.collators import SFTCollator
+    from dlm.data.storage import load_prepared
+    from dlm.tokenization import special_ids
+    from dlm.training import DiffusionTrainer, DiffusionTrainingArguments
+
+    data, _ = load_prepared(data_path, "dlm-sft", tok)
+    args = DiffusionTrainingArguments(output_dir=str(Path(data_path).parent / "t"), per_device_eval_batch_size=batch_size,
+                                      seed=seed, report_to="none", disable_tqdm=True)
+    ids = special_ids(tok)
+    trainer = DiffusionTrainer(model=model, args=args, eval_dataset=data["test"].select(range(9)), mask_id=ids.mask,
+                               objective="sft", data_collator=SFTCollator(pad_id=ids.eos))
+    return trainer.evaluate()["eval_loss"]
+
+
+def test_sft_elbo_does_not_depend_on_the_batch(tiny_model_dir, sft_prepared):
+    """The same 9 SFT test rows at batch 1, 7 and 8: evaluate.py and the Trainer's eval loss agree with
+    themselves (far inside the Monte-Carlo error), because the scored region is each row's own answer."""
+    from dlm.modeling import load_checkpoint
+
+    model, tok = load_checkpoint(str(tiny_model_dir))
+    res = {b: evaluate_elbo(model, tok, sft_prepared, batch_size=b, num_samples=4, seed=1, max_rows=9)
+           for b in (1, 7, 8)}
+    assert res[1].rows == 9 and res[1].format == "dlm-sft"
+    assert len({r.tokens for r in res.values()}) == 1  # the same scored tokens at every batch size
+    for b in (7, 8):
+        assert res[b].nll_per_token == pytest.approx(res[1].nll_per_token, rel=1e-5, abs=1e-5)
+        assert abs(res[b].loss - res[1].loss) < 1e-3 * res[1].loss_mc_stderr + 1e-5
+    trainer = {b: _trainer_eval_loss(model, tok, sft_prepared, b) for b in (1, 7, 8)}
+    assert trainer[7] == pytest.approx(trainer[1], abs=1e-5) and trainer[8] == pytest.approx(trainer[1], abs=1e-5)
+    # The same region in both: the Trainer's one-draw estimate is within Monte-Carlo reach of evaluate.py's.
+    assert abs(trainer[1] - res[1].loss) < 0.5 * res[1].loss
+
+
+EVAL_DRIVER = """
+import json, sys
+from pathlib import Path
+from dlm.data.collators import SFTCollator
+from dlm.data.storage import load_prepared
+from dlm.modeling import load_checkpoint
+from dlm.tokenization import special_ids
+from dlm.training import DiffusionTrainer, DiffusionTrainingArguments
+model_dir, data_path, out = sys.argv[1:4]
+model, tok = load_checkpoint(model_dir)
+data, _ = load_prepared(data_path, "dlm-sft", tok)
+ids = special_ids(tok)
+args = DiffusionTrainingArguments(output_dir=out, per_device_eval_batch_size=2, seed=5, report_to="none",
+                                  disable_tqdm=True)
+trainer = DiffusionTrainer(model=model, args=args, eval_dataset=data["test"].select(range(5)), mask_id=ids.mask,
+                           objective="sft", data_collator=SFTCollator(pad_id=ids.eos))
+metrics = trainer.evaluate()
+if trainer.is_world_process_zero():
+    Path(out, "metrics.json").write_text(json.dumps({**metrics, "world": trainer.args.world_size}))
+"""
+
+
+def test_eval_loss_is_the_same_on_one_and_two_gloo_processes(tiny_model_dir, sft_prepared, tmp_path):
+    """5 rows (odd: the 2-process sampler repeats a row to even out) at eval batch 2: same eval loss."""
+    import os
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(EVAL_DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    results = {}
+    for name, launcher in [("single", [sys.executable]),
+                           ("multi", [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                                      str(ROOT / "configs" / "accelerate" / "cpu_multiprocess.yaml"),
+                                      "--main_process_port", "29541"])]:
+        out = tmp_path / name
+        proc = subprocess.run(launcher + [str(driver), str(tiny_model_dir), str(sft_prepared), str(out)], env=env,
+                              cwd=ROOT, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[name] = json.loads((out / "metrics.json").read_text())
+    assert (results["single"]["world"], results["multi"]["world"]) == (1, 2)
+    assert results["multi"]["eval_loss"] == pytest.approx(results["single"]["eval_loss"], abs=1e-5)
+
+
+# -- the canvas a model knows (issue 11, point 10) -------------------------------------------------
+
+def test_front_ends_default_to_the_canvas_recorded_at_sft(tiny_model_dir, tmp_path):
+    """With a dlm.json SFT record, inference.py's defaults decode exactly the canvas evaluate.py uses, so
+    they answer the same; a much longer canvas gets a one-line warning."""
+    import os
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "dlm.json").write_text(json.dumps({"objective": "sft",
+                                                "sft_canvas": {"longest_answer": 3, "context_length": 32}}))
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "answer": str(2 * a)}) + "\n" for a in range(4)))
+    preds = tmp_path / "preds.jsonl"
+    proc = run_evaluate("--model", str(model), "--tasks", str(tasks), "--save_predictions", str(preds), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["sampler"]["gen_length"] == 3
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    inference = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--model", str(model), "--prompts_file",
+                                str(tasks), "--json"], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert inference.returncode == 0, inference.stderr
+    answers = [json.loads(line) for line in inference.stdout.splitlines()]
+    assert [len(a["output_ids"]) for a in answers] == [3] * 4
+    assert [a["text"] for a in answers] == [json.loads(line)["prediction"] for line in preds.read_text().splitlines()]
+    assert "warning" not in inference.stderr.lower()
+
+
+def test_a_much_longer_canvas_than_trained_gets_one_warning(tmp_path, caplog):
+    from dlm.cli import SamplerArguments, trained_canvas
+
+    (tmp_path / "dlm.json").write_text(json.dumps({"sft_canvas": {"longest_answer": 3, "context_length": 32}}))
+    trained = trained_canvas(str(tmp_path / "model.safetensors"))  # a bare weights file finds its folder's record
+    assert trained == {"longest_answer": 3, "context_length": 32} and trained_canvas(str(ROOT)) is None
+    with caplog.at_level("WARNING"):
+        assert SamplerArguments().to_config(128, trained).gen_length == 3
+        assert SamplerArguments(gen_length=11).to_config(128, trained).gen_length == 11
+        assert not caplog.records
+        SamplerArguments(gen_length=64).to_config(128, trained)
+        SamplerArguments(seq_len=48).to_config(128, trained)
+    assert [r.getMessage().split(" is ")[0] for r in caplog.records] == ["--gen_length 64", "--seq_len 48"]
+    assert all("longest answer was 3 tokens" in r.getMessage() and "\n" not in r.getMessage() for r in caplog.records)
+    padded = {"longest_answer": 3, "context_length": 32, "answers_padded_to": "context"}
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        SamplerArguments(gen_length=24).to_config(128, padded)  # answers were padded to 32: a known canvas
+    assert not caplog.records
+
+
+def test_longest_final_answer_of_a_prepared_split(sft_prepared, tokenizer):
+    from dlm.data.collators import longest_final_answer
+    from dlm.data.storage import load_prepared
+
+    data, _ = load_prepared(sft_prepared, "dlm-sft", tokenizer)
+    expected = 0
+    for mask in data["train"]["answer_mask"]:
+        run = 0
+        for m in reversed(mask):
+            if not m:
+                break
+            run += 1
+        expected = max(expected, run)
+    assert expected > 5 and longest_final_answer(data["train"]) == expected
+
+
+def test_sft_collator_marks_padding_and_can_pad_to_a_fixed_canvas():
+    from dlm.data.collators import KeepRowIndex, SFTCollator
+
+    rows = [{"input_ids": [5, 6, 7], "answer_mask": [0, 1, 1]}, {"input_ids": [5, 6], "answer_mask": [0, 1]}]
+    batch = SFTCollator(pad_id=2)(rows)
+    assert batch["input_ids"].shape == (2, 8) and batch["input_ids"][1, 2:].eq(2).all()
+    assert batch["answer_mask"][1].tolist() == [0, 1] + [1] * 6  # training: the EOS padding is answer
+    assert batch["is_padding"][1].tolist() == [False, False] + [True] * 6  # evaluation leaves it out
+    fixed = SFTCollator(pad_id=2, pad_to_length=20)(rows)
+    assert fixed["input_ids"].shape == (2, 24) and fixed["answer_mask"][:, 3:].all()
+    indexed = KeepRowIndex(SFTCollator(pad_id=2))([{**r, "row_index": i + 4} for i, r in enumerate(rows)])
+    assert indexed["row_index"].tolist() == [4, 5] and torch.equal(indexed["input_ids"], batch["input_ids"])

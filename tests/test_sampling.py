@@ -9,7 +9,7 @@ import torch
 
 from dlm.errors import UsageError
 from dlm.modeling import build_from_scratch
-from dlm.policies import choose_candidates, filter_logits, fixed_step_schedule
+from dlm.policies import decide, filter_logits, fixed_step_schedule
 from dlm.prompts import encode_prompt
 from dlm.sampling import Denoiser, ModelDenoiser, RunningBatch, SamplerConfig, as_denoiser, generate
 from dlm.tokenization import special_ids
@@ -288,8 +288,7 @@ def test_top_k_and_top_p_restrict_the_support():
     assert 1 < len(nucleus) < 64
 
     def draws(top_k=None, top_p=None, n=3000):
-        noise = torch.rand(n, 64, generator=g, dtype=torch.float64)
-        return set(choose_candidates(logits.expand(n, -1), 1.0, top_k, top_p, noise).tolist())
+        return set(decide(logits.expand(n, -1), 1.0, "low_confidence", [(n, g)], top_k, top_p).candidates.tolist())
 
     assert draws(top_k=5) == top5
     assert draws(top_p=0.7) == nucleus
@@ -297,7 +296,7 @@ def test_top_k_and_top_p_restrict_the_support():
     assert set(order[:2]) <= draws(top_k=5, top_p=0.7) < top5
     assert len(draws()) > len(top5 | nucleus)  # unfiltered sampling reaches further: the checks are not vacuous
     assert (filter_logits(logits, top_p=1.0) == logits).all()
-    assert choose_candidates(logits, 0.0, 1, 0.1, None).item() == order[0]
+    assert decide(logits, 0.0, "low_confidence", [], 1, 0.1).candidates.item() == order[0]
 
 
 def test_top_k_one_sampling_equals_greedy(model, tokenizer):
@@ -421,3 +420,77 @@ def test_prompt_dependent_errors(model, tokenizer):
         generate(model, tokenizer, ["no masks here"], SamplerConfig(gen_length=0), chat=False)
     with pytest.raises(UsageError, match="exceeds the model's 256 positions"):
         generate(model, tokenizer, ["x"], SamplerConfig(gen_length=300))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The step's math in chunks (issue 11, point 9): same tokens and the same distribution as the full-size path.
+
+
+def test_decide_in_chunks_equals_the_full_size_formulas():
+    """Chunked candidates/confidences = plain formulas on whole [N, V] tensors with the same random draws:
+    x̂ by inverting the cumulative softmax(filtered logits / T) (here in one float64 pass, no blocks),
+    confidences from the softmax."""
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(23, 97, generator=g)
+    logits[:, 5] = float("-inf")  # the mask id
+    counts = [7, 1, 15]
+    for temperature, top_k, top_p in [(0.0, None, None), (0.7, None, None), (1.3, 20, 0.9)]:
+        for strategy in ("low_confidence", "margin", "entropy", "random"):
+            gens = [torch.Generator().manual_seed(10 + i) for i in range(3)]
+            chunked = decide(logits, temperature, strategy, list(zip(counts, gens)), top_k, top_p,
+                             need_entropy=True, chunk_elements=2 * 97)  # two positions per chunk
+            gens = [torch.Generator().manual_seed(10 + i) for i in range(3)]
+            if temperature:  # one float64 uniform per position, row by row
+                u = torch.cat([torch.rand(n, generator=gi, dtype=torch.float64) for n, gi in zip(counts, gens)])
+                probs64 = torch.softmax(filter_logits(logits.double() / temperature, top_k, top_p), -1)
+                cdf = probs64.cumsum(-1)
+                expected = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+            else:
+                expected = logits.argmax(-1)
+            uniform = torch.cat([torch.rand(n, generator=gi) for n, gi in zip(counts, gens)])
+            probs = torch.softmax(logits, -1)
+            assert torch.equal(chunked.candidates, expected)
+            chosen = probs.gather(-1, expected[:, None]).squeeze(-1)
+            top2 = probs.topk(2, -1).values
+            ent = torch.special.entr(probs).sum(-1)
+            reference = {"low_confidence": chosen, "margin": top2[:, 0] - top2[:, 1], "entropy": torch.exp(-ent),
+                         "random": uniform}[strategy]
+            assert torch.allclose(chunked.confidence, reference, rtol=1e-5, atol=1e-7)
+            assert torch.allclose(chunked.entropy, ent, rtol=1e-5, atol=1e-6)
+
+
+def test_temperature_draws_follow_softmax_of_logits_over_t():
+    """The chunked sampler draws softmax(logits / T): chi-square over 40k draws of a 6-token vocabulary."""
+    from dlm.policies import decide
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).expand(40_000, -1).contiguous()
+    gen = torch.Generator().manual_seed(0)
+    draws = decide(logits, 0.7, "low_confidence", [(40_000, gen)], chunk_elements=6 * 999).candidates
+    observed = torch.bincount(draws, minlength=6).double()
+    expected = torch.softmax(logits[0].double() / 0.7, -1) * 40_000
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    assert chi2 < 20.5  # 5 degrees of freedom: p = 0.001
+
+
+@pytest.mark.parametrize("cfg", [
+    SamplerConfig(gen_length=12, steps=6, temperature=0.9),
+    SamplerConfig(gen_length=12, steps=4, temperature=1.5, top_k=30, top_p=0.9, strategy="margin"),
+    SamplerConfig(gen_length=12, block_length=4, temperature=0.8, entropy_bound=1.0),
+    SamplerConfig(gen_length=12, steps=12, strategy="random", temperature=0.5),
+])
+def test_chunked_sampler_gives_the_tokens_of_the_unchunked_one(model, tokenizer, cfg, monkeypatch):
+    import dlm.policies
+
+    whole = generate(model, tokenizer, PROMPTS, cfg, seed=7)
+    monkeypatch.setattr(dlm.policies, "CHUNK_ELEMENTS", 1)  # one position per chunk
+    chunked = generate(model, tokenizer, PROMPTS, cfg, seed=7)
+    assert [r.output_ids for r in chunked] == [r.output_ids for r in whole]
+
+
+def test_step_events_are_read_lazily_and_match_the_history(model, tokenizer):
+    events = []
+    result = generate(model, tokenizer, [PROMPTS[0]], SamplerConfig(gen_length=8, steps=4), return_history=True,
+                      on_step=events.append)[0]
+    assert "canvases" not in vars(events[0])  # nothing was read back for a listener that did not look
+    assert [e.canvases[0] for e in events] == result.history[1:]
+    assert [e.remaining[0] for e in events] == [6, 4, 2, 0]

@@ -23,6 +23,7 @@ LAYERS = {
     "dlm.isolation": 3,
     "dlm.diffusion": 4,
     "dlm.distributed": 5,
+    "dlm.training_args": 5,
     "dlm.training": 5,
     "dlm.checkpoints": 5,
     "dlm.prompts": 3,

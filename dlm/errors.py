@@ -88,11 +88,13 @@ def check_output_dir(path: str | os.PathLike, flag: str, overwrite: bool) -> Pat
 
 
 @contextlib.contextmanager
-def atomic_output_dir(path: str | os.PathLike, flag: str = "--output", overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(path: str | os.PathLike, flag: str = "--output", overwrite: bool = False,
+                      needed_bytes: int | None = None) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `path`, on failure it is removed.
 
     The old content of `path` (only possible with overwrite) is deleted only after the new
-    one is complete, so an interrupted run loses nothing that was already there.
+    one is complete, so an interrupted run loses nothing that was already there. A write that runs
+    out of room is one line naming the output (and `needed_bytes`, the expected size, when known).
     """
     final = check_output_dir(path, flag, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -100,7 +102,7 @@ def atomic_output_dir(path: str | os.PathLike, flag: str = "--output", overwrite
     try:
         yield tmp
     except BaseException as err:
-        message = write_failure_message(err, tmp, final) if isinstance(err, Exception) else None
+        message = write_failure_message(err, tmp, final, needed_bytes) if isinstance(err, Exception) else None
         shutil.rmtree(tmp, ignore_errors=True)
         if message:  # a full disk or a file-size limit: one line naming the output
             raise UsageError(message) from None

@@ -114,6 +114,9 @@ def shrink(command: str, model_dir: Path, corpus: Path, alpaca: Path) -> list[st
         i += 1
     if argv[1] == "prepare_sft_data.py" and "--data_files" not in out:
         out += ["--data_files", str(alpaca)]  # the default is tatsu-lab/alpaca on the hub
+    step_flags = ("--num_training_steps", "--max_steps")
+    if argv[1] in ("pretrain.py", "finetune_sft.py") and not any(f in out for f in step_flags):
+        out += ["--max_steps", TINY_VALUES["--num_training_steps"]]  # the recipe's default is 30,000 SFT steps
     return out
 
 

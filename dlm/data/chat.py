@@ -364,8 +364,7 @@ def _prepare_sft(args: SFTDataArguments, out: Path) -> dict:
         "records": len(records) + sum((skipped or {}).values()), "skipped_no_answer": int(no_answer.sum()),
         "skipped_records": dict(skipped or {}), "created_by": "prepare_sft_data.py",
     }
-    with disk_full_errors("the SFT dataset", out, sum(d.data.nbytes for d in dataset.values())):
-        save_prepared(dataset, metadata, out, args.overwrite)
+    save_prepared(dataset, metadata, out, args.overwrite, sum(d.data.nbytes for d in dataset.values()))
     logger.info("train %d / test %d samples (%s format); %d dropped, %d truncated as over-long",
                 splits["train"]["rows"], splits["test"]["rows"], fmt, n_dropped_overlong, n_truncated)
     return metadata

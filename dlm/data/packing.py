@@ -329,7 +329,6 @@ def _prepare_pretrain(args: PretrainDataArguments, out: Path) -> dict:
         "test_split_pct": args.test_split_pct, "streaming": args.streaming,
         "document_separator": "eos", "created_by": "prepare_pretrain_data.py",
     }
-    with disk_full_errors("the final dataset", out, sum(p.stat().st_size for v in shards.values() for p in v)):
-        save_prepared(dataset, metadata, out, args.overwrite)
+    save_prepared(dataset, metadata, out, args.overwrite, sum(p.stat().st_size for v in shards.values() for p in v))
     discard_work(work)
     return metadata

@@ -54,8 +54,9 @@ def load_prepared(path: str | Path, expected_format: str, tokenizer=None,
     return load_from_disk(str(folder)), meta
 
 
-def save_prepared(dataset, metadata: dict, out: str | Path, overwrite: bool) -> None:
-    """Write a prepared `DatasetDict` and its metadata.json atomically (metadata last).
+def save_prepared(dataset, metadata: dict, out: str | Path, overwrite: bool, needed_bytes: int | None = None) -> None:
+    """Write a prepared `DatasetDict` and its metadata.json atomically (metadata last); a full disk is one
+    line naming the output (`atomic_output_dir`), with `needed_bytes` as the size a complete one takes.
 
     An empty split (a tiny corpus with a 0.5% test split, or --test_split_pct 0) is written as one
     empty Arrow file: `datasets` saves it with no file at all, which `load_from_disk` cannot read.
@@ -64,7 +65,7 @@ def save_prepared(dataset, metadata: dict, out: str | Path, overwrite: bool) -> 
     for split, ds in dataset.items():
         if len(ds) == 0:
             logger.warning("the %s split is empty", split)
-    with atomic_output_dir(out, "--path_to_data_store", overwrite) as tmp:
+    with atomic_output_dir(out, "--path_to_data_store", overwrite, needed_bytes) as tmp:
         dataset.save_to_disk(str(tmp), num_shards={k: 1 if len(v) == 0 else None for k, v in dataset.items()})
         atomic_write_text(tmp / METADATA_FILE, json.dumps(metadata, indent=2))
 

@@ -20,21 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from dlm.cli import SamplerArguments, trained_canvas
+from dlm.cli import ModelSourceArguments, trained_canvas
 from dlm.errors import ArgumentParser, UsageError, run_main, setup_logging
 
 logger = logging.getLogger("inference")
 
 
 @dataclass
-class InferenceArguments(SamplerArguments):
-    model: str | None = field(default=None, metadata={
-        "aliases": ["--model_name_or_path"],
-        "help": "Checkpoint folder (config.json, model.safetensors, tokenizer), a .safetensors file, or a hub id."})
-    safetensors_path: str | None = field(default=None, metadata={
-        "help": "Bare model.safetensors (reference recipe); its config and tokenizer come from --hf_model_name."})
-    hf_model_name: str | None = field(default=None, metadata={
-        "help": "Hub id or folder giving the config and tokenizer for --safetensors_path (or the model itself)."})
+class InferenceArguments(ModelSourceArguments):
     prompt: str | None = field(default=None, metadata={
         "action": "append", "help": "A prompt; repeat the flag for several. `[MASK*n]` marks n positions to fill in."})
     prompts_file: str | None = field(default=None, metadata={

@@ -15,21 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from dlm.cli import SamplerArguments
+from dlm.cli import ModelSourceArguments
 from dlm.errors import ArgumentParser, UsageError, run_main, setup_logging
 
 logger = logging.getLogger("serve")
 
 
 @dataclass
-class ServeArguments(SamplerArguments):
-    model: str | None = field(default=None, metadata={
-        "aliases": ["--model_name_or_path"],
-        "help": "Checkpoint folder (config.json, model.safetensors, tokenizer), a .safetensors file, or a hub id."})
-    safetensors_path: str | None = field(default=None, metadata={
-        "help": "Bare model.safetensors (reference recipe); its config and tokenizer come from --hf_model_name."})
-    hf_model_name: str | None = field(default=None, metadata={
-        "help": "Hub id or folder giving the config and tokenizer for --safetensors_path (or the model itself)."})
+class ServeArguments(ModelSourceArguments):
     host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on."})
     port: int = field(default=8000, metadata={"help": "Port to listen on (0: any free port)."})
     served_model_name: str | None = field(default=None, metadata={

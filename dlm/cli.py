@@ -98,3 +98,16 @@ class SamplerArguments:
             steps=self.num_steps, block_length=self.block_length, strategy=self.strategy, threshold=self.threshold,
             entropy_bound=self.entropy_bound, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
             cfg_scale=self.cfg_scale, stop_at_eos=not self.no_early_stop, prompt_cache=self.prompt_cache).validate()
+
+
+@dataclass
+class ModelSourceArguments(SamplerArguments):
+    """Where the model comes from, for the front ends that generate (inference.py, serve.py), plus the sampler flags."""
+
+    model: str | None = field(default=None, metadata={
+        "aliases": ["--model_name_or_path"],
+        "help": "Checkpoint folder (config.json, model.safetensors, tokenizer), a .safetensors file, or a hub id."})
+    safetensors_path: str | None = field(default=None, metadata={
+        "help": "Bare model.safetensors (reference recipe); its config and tokenizer come from --hf_model_name."})
+    hf_model_name: str | None = field(default=None, metadata={
+        "help": "Hub id or folder giving the config and tokenizer for --safetensors_path (or the model itself)."})

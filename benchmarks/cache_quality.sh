@@ -27,12 +27,17 @@ FLAGS=(--learning_rate 2e-3 --lr_scheduler_type cosine --warmup_steps 0.05 --wei
        --dataloader_num_workers 0)
 mkdir -p "$OUT"
 
+# sft NAME MODE START DATA STEPS BATCH: one SFT run (normal or isolated), skipped when its model exists.
+sft() {
+    local iso=(); [ "$2" = isolated ] && iso=(--prompt_isolation)
+    [ -e "$OUT/$1_$2/final_model/dlm.json" ] || $PY finetune_sft.py \
+        --path_to_pretrained_checkpoint "$3" --path_to_prepped_data "$4" \
+        --output_dir "$OUT/$1_$2" --max_steps "$5" --eval_steps "$5" \
+        --per_device_train_batch_size "$6" "${iso[@]}" "${FLAGS[@]}"
+}
+
 for mode in normal isolated; do
-    iso=(); [ "$mode" = isolated ] && iso=(--prompt_isolation)
-    [ -e "$OUT/add2_$mode/final_model/dlm.json" ] || $PY finetune_sft.py \
-        --path_to_pretrained_checkpoint "$START" --path_to_prepped_data "$QS/data/sft" \
-        --output_dir "$OUT/add2_$mode" --max_steps "$ADD2_STEPS" --eval_steps "$ADD2_STEPS" \
-        --per_device_train_batch_size "$ADD2_BATCH" "${iso[@]}" "${FLAGS[@]}"
+    sft add2 "$mode" "$START" "$QS/data/sft" "$ADD2_STEPS" "$ADD2_BATCH"
 done
 
 [ -e "$OUT/data/fewshot/train.json" ] || $PY make_synthetic_data.py --output_dir "$OUT/data/fewshot" \
@@ -41,11 +46,7 @@ done
     --data_files "$OUT/data/fewshot/train.json" --context_length 256 --test_split_pct 0.02 \
     --path_to_data_store "$OUT/data/fewshot_sft"
 for mode in normal isolated; do
-    iso=(); [ "$mode" = isolated ] && iso=(--prompt_isolation)
-    [ -e "$OUT/fewshot_$mode/final_model/dlm.json" ] || $PY finetune_sft.py \
-        --path_to_pretrained_checkpoint "$OUT/add2_$mode/final_model" --path_to_prepped_data "$OUT/data/fewshot_sft" \
-        --output_dir "$OUT/fewshot_$mode" --max_steps "$FEWSHOT_STEPS" --eval_steps "$FEWSHOT_STEPS" \
-        --per_device_train_batch_size "$FEWSHOT_BATCH" "${iso[@]}" "${FLAGS[@]}"
+    sft fewshot "$mode" "$OUT/add2_$mode/final_model" "$OUT/data/fewshot_sft" "$FEWSHOT_STEPS" "$FEWSHOT_BATCH"
 done
 
 # Held-out exact match and the ELBO of the SFT test split (each model scored as it was trained): normal

@@ -93,21 +93,26 @@ def test_loss_normalisation_by_hand(model, tokenizer):
     assert per_token.item() == pytest.approx(((ce * masked / p[:, None]).sum() / (3 * 12)).item(), rel=1e-5)
 
 
+def loss_and_grads(model, *args, **kwargs) -> tuple[float, dict[str, torch.Tensor]]:
+    """`diffusion_loss(model, *args, **kwargs)` and every parameter's gradient (the model's grads are left clean)."""
+    model.zero_grad()
+    loss = diffusion_loss(model, *args, **kwargs)
+    loss.backward()
+    grads = {k: v.grad.clone() for k, v in model.named_parameters() if v.grad is not None}
+    model.zero_grad()
+    return loss.item(), grads
+
+
 def test_sparse_head_gives_same_loss_and_gradients(model, tokenizer):
     torch.manual_seed(2)
     ids = torch.randint(20, 500, (4, 16))
     maskable = torch.rand(4, 16) > 0.3
     t, noise = torch.rand(4), torch.rand(4, 16)
-    losses, grads = [], []
-    for sparse in (True, False):
-        model.zero_grad()
-        loss = diffusion_loss(model, ids, maskable, tokenizer.mask_token_id, t, noise, sparse=sparse)
-        loss.backward()
-        losses.append(loss.item())
-        grads.append(model.model.embeddings.tok_embeddings.weight.grad.clone())
-    model.zero_grad()
-    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
-    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+    (loss_a, grads_a), (loss_b, grads_b) = (loss_and_grads(model, ids, maskable, tokenizer.mask_token_id, t, noise,
+                                                          sparse=sparse) for sparse in (True, False))
+    key = "model.embeddings.tok_embeddings.weight"
+    assert loss_a == pytest.approx(loss_b, abs=1e-5)
+    assert torch.allclose(grads_a[key], grads_b[key], atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -141,14 +146,8 @@ def test_static_shapes_same_loss_and_gradient(model, tokenizer):
     masked = sample_mask(maskable, p, noise)
     index, n = selected_rows(masked, static=True)
     assert n == int(masked.sum()) and index.numel() == padded_row_count(n, masked.numel()) > n  # padding in play
-    losses, grads = [], []
-    for static in (True, False):
-        model.zero_grad()
-        loss = diffusion_loss(model, ids, maskable, tokenizer.mask_token_id, t, noise, static_shapes=static)
-        loss.backward()
-        losses.append(loss.item())
-        grads.append({k: v.grad.clone() for k, v in model.named_parameters() if v.grad is not None})
-    model.zero_grad()
+    losses, grads = zip(*(loss_and_grads(model, ids, maskable, tokenizer.mask_token_id, t, noise, static_shapes=static)
+                          for static in (True, False)))
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 5
     for k in grads[0]:

@@ -150,6 +150,11 @@ class _Rows:
             out.append(len(known))
         return out
 
+    def forget(self, rows: list[int]) -> None:
+        """These row ids left the batch for good (a server's rows come and go): drop their state."""
+        for r in rows:
+            self.prompts.pop(r, None)
+
 
 class IsolatedDenoiser(_Rows):
     """The full forward with the prompt-isolation mask (`--prompt_cache off` on an isolated model)."""
@@ -181,6 +186,12 @@ class PromptCacheDenoiser(_Rows):
         self.entries: dict[int, tuple[torch.Tensor, int, _Segment, int]] = {}
         self._gathered: tuple | None = None  # (key, kv, lengths) of the last batched prefix
         self.refreshed_rows = self.cached_rows = 0  # counters for tests and benchmarks
+
+    def forget(self, rows: list[int]) -> None:
+        super().forget(rows)
+        for r in rows:
+            self.entries.pop(r, None)  # a segment is freed with the last row that uses it
+        self._gathered = None
 
     def _prefix(self, b: int, r: int, canvas: torch.Tensor, select: torch.Tensor, prompt_len: int) -> tuple[int, int]:
         """(prefix length, block index) this row should use now."""
@@ -312,12 +323,14 @@ class PromptCacheDenoiser(_Rows):
         return h, captured
 
 
-def select_denoiser(model: torch.nn.Module, mode: str, mask_id: int, block_length: int | None = None):
-    """The denoiser for `--prompt_cache mode`, or None for the plain full forward.
+def resolve_mode(model: torch.nn.Module, mode: str, block_length: int | None = None) -> tuple[str, int | None]:
+    """What `--prompt_cache mode` runs on this model: ("off" | "exact" | "approx", the block length an
+    approx cache refreshes at, else None). Two settings with the same answer share one denoiser.
 
     auto = exact when the model was trained with prompt isolation, off otherwise. `exact` on a model
     trained without isolation is refused (its outputs would silently change); `approx` on an isolated
-    model is the exact cache (its prompt K/V would be recomputed to the same values).
+    model is the exact cache (its prompt K/V would be recomputed to the same values); an architecture
+    without a cache runs the full forward (one warning).
     """
     if mode not in MODES:
         raise UsageError(f"--prompt_cache must be one of {', '.join(MODES)}, got {mode!r}")
@@ -326,8 +339,16 @@ def select_denoiser(model: torch.nn.Module, mode: str, mask_id: int, block_lengt
         raise UsageError("--prompt_cache exact: the model was trained without --prompt_isolation, so a cached "
                          "prompt would change its outputs; use --prompt_cache approx (approximate) or off")
     if mode == "off" or (mode == "auto" and not isolated):
-        return IsolatedDenoiser(model, mask_id) if isolated else None
+        return "off", None
     if not cacheable(model):
         logger.warning("prompt cache: not available for %s; running the full forward", type(unwrap(model)).__name__)
-        return IsolatedDenoiser(model, mask_id) if isolated else None
-    return PromptCacheDenoiser(model, mask_id, "exact" if isolated else "approx", block_length)
+        return "off", None
+    return ("exact", None) if isolated else ("approx", block_length)
+
+
+def select_denoiser(model: torch.nn.Module, mode: str, mask_id: int, block_length: int | None = None):
+    """The denoiser for `--prompt_cache mode` (see `resolve_mode`), or None for the plain full forward."""
+    kind, block = resolve_mode(model, mode, block_length)
+    if kind == "off":
+        return IsolatedDenoiser(model, mask_id) if is_isolated(model) else None
+    return PromptCacheDenoiser(model, mask_id, kind, block)

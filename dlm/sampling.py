@@ -24,9 +24,10 @@ caches the prompt's keys/values can replace `ModelDenoiser` without touching the
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -170,8 +171,12 @@ class _Sampler:
     tokens never depend on its neighbours: padding keeps positions, decisions are per row.
     """
 
-    def __init__(self, denoiser: Denoiser, tokenizer, on_step: Callable[[StepEvent], None] | None = None):
+    def __init__(self, denoiser: Denoiser, tokenizer, on_step: Callable[[StepEvent], None] | None = None,
+                 ids: Iterator[int] | None = None):
+        # `ids`: where row ids come from; batches that share one (the server's, one per prompt-cache mode)
+        # never reuse each other's ids.
         self.denoiser, self.tokenizer, self.on_step = denoiser, tokenizer, on_step
+        self._ids = ids if ids is not None else itertools.count()
         mask_id = tokenizer.mask_token_id
         if mask_id is None:
             raise UsageError("the tokenizer has no mask token, so it cannot be used as a masked diffusion model")
@@ -187,7 +192,6 @@ class _Sampler:
             setattr(self, name, torch.zeros((0, 0), dtype=dtype, device=device))
         self.stop_tensor = torch.tensor(self.stop_ids, dtype=torch.long, device=device)
         self.step = 0
-        self._next_id = 0
 
     @torch.inference_mode()
     def add(self, prompt: Prompt, cfg: SamplerConfig, *, chat: bool = True, seed: int | None = None,
@@ -225,12 +229,11 @@ class _Sampler:
             if seed is None:
                 seed = int(torch.randint(0, 2**62, ()).item())
             generator = torch.Generator(device=self.denoiser.device).manual_seed(seed)
-        row = _Row(id=self._next_id, cfg=cfg, prompt_len=start, length=len(row_ids),
+        row = _Row(id=next(self._ids), cfg=cfg, prompt_len=start, length=len(row_ids),
                    tail_start=(fixed_after[-1] + 1) if fixed_after else start,
                    block=block, n_blocks=n_blocks, steps_per_block=spb,
                    total_masks=sum(is_mask), generator=generator, t0=time.perf_counter(),
                    history=[] if return_history else None)
-        self._next_id += 1
         self._append(row_ids, row)
         if return_history:
             row.history.append(self._region(len(self.rows) - 1))
@@ -260,7 +263,9 @@ class _Sampler:
         width = max((r.length for r in self.rows), default=0)  # shrink to the longest remaining row
         for name in _BATCH_TENSORS:
             setattr(self, name, getattr(self, name)[keep, :width])
-        self.denoiser.forget([row.id] + ([row.uncond_id] if row.uncond_id is not None else []))
+        forget = getattr(self.denoiser, "forget", None)  # optional: a denoiser may keep no per-row state
+        if forget is not None:
+            forget([row.id] + ([row.uncond_id] if row.uncond_id is not None else []))
 
     def index(self, row_id: int) -> int:
         """Position of a row in the batch tensors (positions shift when rows leave)."""
@@ -337,7 +342,7 @@ class _Sampler:
             return self.denoiser.logits(canvas, attention, select, ids)
         for j in guided:
             if rows[active[j]].uncond_id is None:
-                rows[active[j]].uncond_id, self._next_id = self._next_id, self._next_id + 1
+                rows[active[j]].uncond_id = next(self._ids)
         g = torch.tensor(guided, device=canvas.device)
         # Unconditional copy: every fixed token (the prompt) masked, as in the reference.
         uncond = canvas[g].masked_fill(self.fixed[idx[g], :width], self.mask_id)

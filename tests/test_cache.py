@@ -123,6 +123,26 @@ def test_rows_leave_and_a_new_prompt_on_a_row_number_is_recomputed():
     assert denoiser.refreshed_rows == 3
 
 
+def test_a_released_row_leaves_no_state_in_the_cache(isolated_model, tokenizer):
+    """A server's rows come and go: the running batch tells the cache, which drops their prompts and K/V."""
+    from dlm.sampling import RunningBatch
+
+    denoiser = select_denoiser(isolated_model, "exact", tokenizer.mask_token_id)
+    batch = RunningBatch(denoiser, tokenizer)
+    cfg = SamplerConfig(gen_length=8, block_length=4, steps=8, prompt_cache="exact").validate()
+    ids = [batch.add(p, cfg, seed=0) for p in PROMPTS]
+    batch.step_once()
+    assert set(denoiser.entries) == set(denoiser.prompts) == set(ids)
+    batch.release(ids[0])
+    assert set(denoiser.entries) == set(denoiser.prompts) == {ids[1]}
+    while not batch.rows[0].done:
+        batch.step_once()
+    assert batch.result(ids[1]).output_ids == generate(isolated_model, tokenizer, [PROMPTS[1]], cfg,
+                                                       seed=0)[0].output_ids
+    batch.release(ids[1])
+    assert not denoiser.entries and not denoiser.prompts
+
+
 @pytest.fixture(scope="module")
 def isolated_model(tokenizer):
     from dlm.modeling import build_from_scratch

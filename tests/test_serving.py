@@ -99,6 +99,12 @@ def test_models_completion_and_chat_equal_unbatched_generation(served):
     assert chat.usage.nfe == expected.nfe < GEN  # threshold decoding: fewer passes than tokens
     assert chat.sampler["threshold"] == 0.3 and chat.sampler["block_length"] == 8
 
+    # A request picks its own prompt cache (an extra field, echoed); approx on this non-isolated model.
+    cached = client.completions.create(model="tiny-dlm", prompt=PROMPTS[2], temperature=0,
+                                       extra_body={"prompt_cache": "approx", "block_length": 8})
+    expected = solo(served, PROMPTS[2], prompt_cache="approx", block_length=8)
+    assert cached.choices[0].text == expected.text and cached.sampler["prompt_cache"] == "approx"
+
 
 def test_stream_is_the_settled_prefix_and_concatenates_to_the_answer(served):
     client = served.client
@@ -147,7 +153,10 @@ def test_stop_strings_cut_the_text_in_both_modes(served):
 
 def test_32_concurrent_clients_get_their_unbatched_tokens(served):
     prompts = [f"{PROMPTS[i % 3]} {i}" for i in range(32)]
-    settings = [dict(block_length=8) if i % 2 else dict(threshold=0.4) for i in range(32)]  # mixed settings
+    # Mixed settings, prompt caches included: rows of different caches run in batches of their own.
+    settings = [dict(block_length=8) if i % 2 else dict(threshold=0.4) for i in range(32)]
+    for i in range(3, 32, 4):
+        settings[i]["prompt_cache"] = "approx"
     expected = [solo(served, p, **s) for p, s in zip(prompts, settings)]
 
     def ask(i):
@@ -179,6 +188,8 @@ def test_32_concurrent_clients_get_their_unbatched_tokens(served):
     ({"prompt": "hi", "threshold": 0.9, "strategy": "random"}, 400, "threshold needs a confidence"),
     ({"prompt": "hi", "n": 40}, 400, "max_batch_size"),
     ({"prompt": "hi", "model": "gpt-4"}, 404, "does not exist"),
+    ({"prompt": "hi", "prompt_cache": "exact"}, 400, "prompt_cache exact: the model was trained without"),
+    ({"prompt": "hi", "prompt_cache": "sometimes"}, 400, "prompt_cache"),
     ({"prompt": []}, 400, "prompt"),
 ])
 def test_bad_requests_get_their_status_and_the_server_keeps_answering(served, body, status, needle):

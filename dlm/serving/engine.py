@@ -1,10 +1,11 @@
-"""Step-level batching: one worker thread drives a `RunningBatch`; requests are rows that join it.
+"""Step-level batching: one worker thread drives the running batches; requests are rows that join them.
 
 Every request (a `Job`) becomes `n` rows per prompt. The worker loop is
 
     admit queued jobs whose rows fit (they join at this step boundary)
     drop the rows of jobs whose client left
-    one step for every row in flight (one shared forward pass)
+    one step for every row in flight (one forward pass per running batch: rows whose prompt caches agree,
+    `dlm.cache.resolve_mode`, share a batch; a request's `prompt_cache` picks its batch)
     publish: settled text / canvas snapshots to streaming jobs; finished rows leave at once
 
 so a request waits for a free row, never for the other requests to finish. A row's tokens do not depend
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dlm.cache import resolve_mode
 from dlm.errors import UsageError
 from dlm.prompts import Prompt, stop_ids_for
 from dlm.sampling import RunningBatch, SampleResult, SamplerConfig, as_denoiser
@@ -116,14 +118,17 @@ class Engine:
 
     def __init__(self, model, tokenizer, max_batch_size: int = 32, max_queue: int = 256,
                  defaults: SamplerConfig | None = None):
-        self.tokenizer = tokenizer
-        # One denoiser for every row: the server's --prompt_cache (and the isolation mask of an isolated model).
-        self.denoiser = as_denoiser(model, defaults, tokenizer.mask_token_id)
+        self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
-        self.max_positions = self.denoiser.max_positions
         self.mask_id = tokenizer.mask_token_id
         self.stop_ids = set(stop_ids_for(tokenizer))
-        self.batch = RunningBatch(self.denoiser, tokenizer)
+        # One running batch per denoiser (prompt-cache mode): (mode, block_length) -> its key, key -> batch.
+        # Row ids come from one counter, so they are unique across batches; `home` says where a row runs.
+        self.ids = itertools.count()
+        self.keys: dict[tuple, tuple] = {}
+        self.batches: dict[tuple, RunningBatch] = {}
+        self.home: dict[int, RunningBatch] = {}
+        self.max_positions = self._batch_for(defaults or SamplerConfig()).denoiser.max_positions
         self.pending: deque[Job] = deque()
         self.owners: dict[int, tuple[Job, Choice]] = {}   # row id -> (job, choice)
         self.settled_len: dict[int, int] = {}              # row id -> settled tokens last decoded
@@ -186,12 +191,15 @@ class Engine:
             if not self.owners:
                 continue
             try:
-                t = time.perf_counter()
-                self.rows_stepped += len(self.batch.rows)
-                self.batch.step_once()
-                self.step_seconds += time.perf_counter() - t
-                self.steps_run += 1
-                self._publish()
+                for batch in [b for b in self.batches.values() if b.rows]:
+                    t = time.perf_counter()
+                    self.rows_stepped += len(batch.rows)
+                    batch.step_once()
+                    self.step_seconds += time.perf_counter() - t
+                    self.steps_run += 1
+                    self._publish(batch)
+                for key in [k for k, b in self.batches.items() if not b.rows]:
+                    del self.batches[key]  # remade (cheap) when a request asks for that mode again
             except Exception as err:  # never let one bad step wedge the server: fail its rows, carry on
                 logger.exception("sampler step failed")
                 self._fail_all(f"internal error: {err}")
@@ -211,12 +219,14 @@ class Engine:
         added: list[int] = []
         try:
             # Choice p * n + j draws from seed + j, as `generate([prompt] * n, seed=seed)` does.
+            batch = self._batch_for(job.config)
             for (p, prompt), j in itertools.product(enumerate(job.prompts), range(job.n)):
-                row_id = self.batch.add(prompt, job.config, chat=job.chat, seed=base + j)
+                row_id = batch.add(prompt, job.config, chat=job.chat, seed=base + j)
                 added.append(row_id)
                 self.owners[row_id] = (job, job.choices[p * job.n + j])
+                self.home[row_id] = batch
                 if job.watch:  # the blank canvas is the first thing a watcher sees
-                    job.choices[p * job.n + j].blank = self.batch.region(row_id)
+                    job.choices[p * job.n + j].blank = batch.region(row_id)
         except Exception as err:  # a bad request must not take the worker down with it
             for row_id in added:
                 self._leave(row_id)
@@ -227,8 +237,24 @@ class Engine:
         job.admitted = True
         job.notify()
 
+    def _batch_for(self, cfg: SamplerConfig) -> RunningBatch:
+        """The running batch whose denoiser is the one `cfg.prompt_cache` asks for (made when first needed;
+        a refused mode raises UsageError)."""
+        wanted = (cfg.prompt_cache, cfg.block_length)
+        if wanted not in self.keys:
+            if len(self.keys) > 256:  # every block length a client sent: keep the table small
+                self.keys.clear()
+            module = isinstance(self.model, torch.nn.Module)  # else a ready-made denoiser: one batch
+            self.keys[wanted] = resolve_mode(self.model, *wanted) if module else ()
+        key = self.keys[wanted]
+        if key not in self.batches:
+            self.batches[key] = RunningBatch(as_denoiser(self.model, cfg, self.mask_id), self.tokenizer, ids=self.ids)
+        return self.batches[key]
+
     def _leave(self, row_id: int) -> None:
-        self.batch.release(row_id)
+        batch = self.home.pop(row_id, None)
+        if batch is not None:
+            batch.release(row_id)
         self.owners.pop(row_id, None)
         self.settled_len.pop(row_id, None)
 
@@ -243,14 +269,15 @@ class Engine:
             job.notify()
         self.owners.clear()
         self.settled_len.clear()
-        self.batch = RunningBatch(self.denoiser, self.tokenizer)  # the old one may be half-stepped
+        self.home.clear()
+        self.batches.clear()  # they may be half-stepped: new ones are made for the next requests
 
-    def _publish(self) -> None:
-        for row in list(self.batch.rows):
+    def _publish(self, batch: RunningBatch) -> None:
+        for row in list(batch.rows):
             job, choice = self.owners[row.id]
             choice.step, choice.nfe = row.steps, row.nfe
             if row.done:
-                result = self.batch.result(row.id)
+                result = batch.result(row.id)
                 text, hit = cut_at_stop(result.text, job.stop)
                 choice.text, choice.result, choice.done = text, result, True
                 ended = hit or any(t in self.stop_ids for t in result.output_ids)
@@ -262,7 +289,7 @@ class Engine:
                 follows = job.follow or bool(job.stop)  # a stop string may end the row early
                 if not (follows or job.watch):
                     continue
-                region = self.batch.region(row.id)
+                region = batch.region(row.id)
                 if job.watch:
                     choice.canvas = region
                 if not (follows and self._settle(row.id, region, job, choice)) and not job.watch:
@@ -281,7 +308,7 @@ class Engine:
         text, hit = cut_at_stop(text, job.stop)
         choice.text = text
         if hit:  # the rest cannot change the text before the stop string: free the row
-            choice.result = self.batch.result(row_id)
+            choice.result = self.home[row_id].result(row_id)
             choice.done, choice.finish_reason = True, "stop"
             self._leave(row_id)
         return True

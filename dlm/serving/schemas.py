@@ -18,7 +18,7 @@ Strategy = Literal["low_confidence", "random", "margin", "entropy"]
 
 # The sampler's fields that a request may set, by their API names (`steps` is --num_steps).
 SAMPLER_FIELDS = ("temperature", "top_p", "top_k", "steps", "block_length", "strategy", "threshold",
-                  "entropy_bound", "cfg_scale")
+                  "entropy_bound", "cfg_scale", "prompt_cache")
 
 
 class _Strict(BaseModel):
@@ -40,6 +40,9 @@ class SamplerFields(_Strict):
     entropy_bound: float | None = Field(None, gt=0)
     top_k: int | None = Field(None, ge=1)
     cfg_scale: float | None = Field(None, ge=0)
+    prompt_cache: Literal["auto", "off", "exact", "approx"] | None = Field(
+        None, description="The prompt cache for this request (inference.py --prompt_cache); rows whose caches "
+                          "agree share forward passes.")
 
 
 class StreamOptions(_Strict):

@@ -129,7 +129,7 @@ def run_variant(variant: str, steps: int, device: str) -> dict:
         return _run_reference_loop(model, rows, steps, device)
     from datasets import Dataset
 
-    from dlm.data.collators import PretrainCollator
+    from transformers import default_data_collator
     from dlm.training import DiffusionTrainer, DiffusionTrainingArguments
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,7 +139,7 @@ def run_variant(variant: str, steps: int, device: str) -> dict:
             save_strategy="no", logging_steps=10, report_to="none", disable_tqdm=True, dataloader_num_workers=0,
             torch_compile=variant.endswith("+compile"), seed=0, use_cpu=device == "cpu")
         trainer = DiffusionTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": rows.tolist()}),
-                                   data_collator=PretrainCollator(), mask_id=4, objective="pretrain",
+                                   data_collator=default_data_collator, mask_id=4, objective="pretrain",
                                    sparse_head=not variant.startswith("full"))
         start, cpu = time.perf_counter(), time.process_time()
         trainer.train()

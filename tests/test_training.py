@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
        "HF_DATASETS_OFFLINE": "1", "WANDB_DISABLED": "true", "PYTHONPATH": str(ROOT)}
 CONTEXT = 32
+LORA_EOT_STEPS = 100
 
 
 def prepare(script: str, args: dict) -> None:
@@ -222,6 +223,50 @@ def test_lora_sft_saves_a_merged_plain_masked_lm(tiny_model_dir, sft_data, tmp_p
             assert torch.equal(v, trained[k])
     assert json.loads((final / "dlm.json").read_text())["prompt_isolation"] is True
     assert model.config.prompt_isolation is True  # from config.json: auto = the exact prompt cache
+
+
+def test_merged_lora_model_ends_its_answers_with_eot_on_the_quickstart_task(tiny_model_dir, tmp_path):
+    """LoRA SFT on 2-digit addition from a model whose chat-marker rows were never trained: the merged model
+    writes digits then `<|eot|>`. With the marker rows frozen (LoRA on the linear layers only, the old
+    behaviour) the `<|eot|>` row cannot move and the model never emits it (bench_lora_markers.py: 0/100)."""
+    from dlm.evaluation import load_tasks
+    from dlm.modeling import load_checkpoint
+    from dlm.prompts import encode_prompt
+    from dlm.sampling import SamplerConfig, generate
+    from dlm.tokenization import special_ids
+
+    syn = tmp_path / "syn"
+    made = subprocess.run([sys.executable, str(ROOT / "make_synthetic_data.py"), "--output_dir", str(syn),
+                           "--tasks", "add2", "--num_train", "2000", "--num_heldout", "40"],
+                          env=ENV, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr[-3000:]
+    prepare("prepare_sft_data.py", {"hf_model_name": tiny_model_dir, "data_files": syn / "train.json",
+                                    "context_length": 16, "path_to_data_store": tmp_path / "data",
+                                    "test_split_pct": 0.02})
+    res = run("finetune_sft.py", sft_args(tmp_path / "data", tmp_path, "lora", steps=LORA_EOT_STEPS,
+                                          hf_model_name=str(tiny_model_dir), lora="true", lora_r=8,
+                                          lora_alpha=16, lora_dropout=0.0, learning_rate=1e-2,
+                                          per_gpu_batch_size=32, logging_steps=50, lr_scheduler_type="cosine"),
+              timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    model, tokenizer = load_checkpoint(str(tmp_path / "lora" / "final_model"))
+    items = load_tasks(syn / "heldout_tasks.jsonl")
+    eot = special_ids(tokenizer).eot
+    # Held-out problems, the right answer written, the rest masked: the next token is `<|eot|>`. (Whether the
+    # model gets the sum right is not the point: 100 LoRA steps on a random base do not teach addition.)
+    canvases = [encode_prompt(tokenizer, it.prompt, True) + tokenizer(it.answer, add_special_tokens=False)["input_ids"]
+                for it in items]
+    width = max(map(len, canvases)) + 3
+    ids = torch.tensor([c + [tokenizer.mask_token_id] * (width - len(c)) for c in canvases])
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    after = logits[torch.arange(len(items)), torch.tensor([len(c) for c in canvases])].argmax(-1)
+    assert (after == eot).float().mean() >= 0.9, after.tolist()
+    # and sampling from a blank canvas stops there: the decoded text is the part before `<|eot|>`
+    results = generate(model, tokenizer, [it.prompt for it in items], SamplerConfig(gen_length=4), seed=0)
+    assert sum(eot in r.output_ids for r in results) >= 0.9 * len(items)
+    assert all(r.text == tokenizer.decode(r.output_ids[:r.output_ids.index(eot)], skip_special_tokens=True)
+               for r in results if eot in r.output_ids)
 
 
 def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tiny_model_dir, pretrain_data, tmp_path):

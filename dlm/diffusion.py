@@ -220,7 +220,8 @@ def elbo_loss(model: torch.nn.Module, input_ids: torch.Tensor, maskable: torch.T
 @torch.no_grad()
 def likelihood_nll(model: torch.nn.Module, input_ids: torch.Tensor, maskable: torch.Tensor, mask_id: int,
                    num_samples: int, generator: torch.Generator | Sequence[torch.Generator], sparse: bool = True,
-                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                   attention_mask: torch.Tensor | dict | None = None,
+                   lengths: Sequence[int] | None = None) -> torch.Tensor:
     """Monte-Carlo upper bound on -log p(maskable part of x0) in nats per sequence, [B] (DESIGN §4).
 
     Draw k = 0..K-1: l_k = floor(((u + k / K) mod 1) * n) + 1 (stratified over U{1..n}, one u per
@@ -228,7 +229,9 @@ def likelihood_nll(model: torch.nn.Module, input_ids: torch.Tensor, maskable: to
     When K is a multiple of n every l appears exactly K / n times and only the choice of positions
     is random. Non-maskable tokens (the prompt) are always visible. One forward pass per draw.
     With one generator per row (a sequence), each row's draws come from its own generator over its
-    own attended positions, so a row's estimate does not depend on the batch it is in.
+    own attended positions, so a row's estimate does not depend on the batch it is in. `lengths` are those
+    attended lengths; by default the sums of a [B, L] `attention_mask` (give them when the mask is another
+    form, such as the prompt-isolation masks of `dlm.isolation`).
     """
     b, length = input_ids.shape
     device = input_ids.device
@@ -239,7 +242,8 @@ def likelihood_nll(model: torch.nn.Module, input_ids: torch.Tensor, maskable: to
         def uniforms(width: int) -> torch.Tensor:
             return torch.rand((b, width), generator=generator, device=generator.device).to(device)
     else:
-        lengths = (attention_mask.sum(1) if attention_mask is not None else torch.full((b,), length)).tolist()
+        if lengths is None:
+            lengths = (attention_mask.sum(1) if attention_mask is not None else torch.full((b,), length)).tolist()
 
         def uniforms(width: int) -> torch.Tensor:
             return row_uniforms(generator, [min(n_, width) for n_ in lengths], width).to(device)

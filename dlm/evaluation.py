@@ -130,11 +130,12 @@ def elbo_rows(model: torch.nn.Module, batch_iter, mask_id: int, num_samples: int
         if "is_padding" in batch:
             padding = batch["is_padding"].to(device)
             maskable, attention = maskable & ~padding, (~padding).long()
+        lengths = attention.sum(1).tolist() if attention is not None else None
         if is_isolated(model):  # a model trained with prompt isolation is scored as it was trained (and samples)
             attention = isolation_attention_mask(model, ids, prompt_lengths(maskable), attention)
         generators = [row_generator(seed, len(nlls) + b) for b in range(len(ids))]
         groups = torch.stack([likelihood_nll(model, ids, maskable, mask_id, num_samples // mc_groups, generators,
-                                             sparse=sparse, attention_mask=attention).double().cpu()
+                                             sparse=sparse, attention_mask=attention, lengths=lengths).double().cpu()
                               for _ in range(mc_groups)])
         mean = groups.mean(0)
         var = groups.var(0, unbiased=True) / mc_groups if mc_groups > 1 else torch.full_like(mean, float("nan"))

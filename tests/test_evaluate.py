@@ -229,6 +229,22 @@ def test_sft_elbo_does_not_depend_on_the_batch(tiny_model_dir, sft_prepared):
     assert abs(trainer[1] - res[1].loss) < 0.5 * res[1].loss
 
 
+def test_isolated_model_is_scored_with_its_mask_at_any_batch_size(tiny_model_dir, sft_prepared):
+    """evaluate.py's ELBO of a model trained with --prompt_isolation uses the isolation mask (a per-layer-type
+    mapping for ModernBERT), and still does not depend on the batch (it used to fail on that mapping)."""
+    from dlm.modeling import build_from_scratch, load_checkpoint
+
+    _, tok = load_checkpoint(str(tiny_model_dir))
+    torch.manual_seed(0)  # peaked predictions, so that what the prompt may attend to changes the figure
+    model = build_from_scratch("tiny", tok, max_position_embeddings=512, hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=2, initializer_range=0.5).eval()
+    plain = evaluate_elbo(model, tok, sft_prepared, batch_size=8, num_samples=4, seed=1, max_rows=9)
+    model.config.prompt_isolation = True
+    res = {b: evaluate_elbo(model, tok, sft_prepared, batch_size=b, num_samples=4, seed=1, max_rows=9) for b in (1, 8)}
+    assert res[8].nll_per_token == pytest.approx(res[1].nll_per_token, rel=1e-5, abs=1e-5)
+    assert res[1].tokens == plain.tokens and abs(res[1].nll_per_token - plain.nll_per_token) > 1e-3
+
+
 EVAL_DRIVER = """
 import json, sys
 from pathlib import Path

@@ -8,8 +8,9 @@
 `--mode run` measures whole DiffusionTrainer runs (ModernBERT hidden 256, 4 layers, 16,384-token vocabulary,
 8 x 512 packed rows, fp32) of two lengths, each in a fresh process: s/step is the difference of the two
 wall times over the difference of the step counts (start-up and compilation cancel), peak memory is the
-max RSS (CPU) or max allocated (CUDA) of each run. Variants: the sparse head (`dlm`), `--no_sparse_head`
-(`full`), `--torch_compile` (`dlm+compile`), a reference-style loop (`reference`: full logits and
+max RSS (CPU) or max allocated (CUDA) of each run, and also traced after every step of the long run (its
+peak after the short run's step count vs at its end: growth within one process). Variants: the sparse
+head (`dlm`), `--no_sparse_head` (`full`), `--torch_compile` (`dlm+compile`), a reference-style loop (`reference`: full logits and
 F.cross_entropy over all B x L positions, 1/t weights, clipping, AdamW, cosine schedule, written after the
 recipe's own pretrain.py loop), and any other checkout of dlm via `--baseline_src DIR` (`baseline`).
 Runs alternate between variants so that the noise of a shared machine hits them alike.
@@ -128,9 +129,15 @@ def run_variant(variant: str, steps: int, device: str) -> dict:
     if variant == "reference":
         return _run_reference_loop(model, rows, steps, device)
     from datasets import Dataset
+    from transformers import TrainerCallback, default_data_collator
 
-    from transformers import default_data_collator
     from dlm.training import DiffusionTrainer, DiffusionTrainingArguments
+
+    trace: list[float] = []  # peak memory after each optimizer step (the same process all along)
+
+    class Trace(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            trace.append(_peak_mb(device))
 
     with tempfile.TemporaryDirectory() as tmp:
         args = DiffusionTrainingArguments(
@@ -140,13 +147,13 @@ def run_variant(variant: str, steps: int, device: str) -> dict:
             torch_compile=variant.endswith("+compile"), seed=0, use_cpu=device == "cpu")
         trainer = DiffusionTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": rows.tolist()}),
                                    data_collator=default_data_collator, mask_id=4, objective="pretrain",
-                                   sparse_head=not variant.startswith("full"))
+                                   sparse_head=not variant.startswith("full"), callbacks=[Trace()])
         start, cpu = time.perf_counter(), time.process_time()
         trainer.train()
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     losses = [e.get("loss", e.get("train_loss")) for e in trainer.state.log_history if "loss" in e or "train_loss" in e]
     return {"variant": variant, "steps": steps, "wall_s": wall, "cpu_s": cpu, "peak_mb": _peak_mb(device),
-            "last_loss": losses[-1]}
+            "last_loss": losses[-1], "peak_trace": trace}
 
 
 def _run_reference_loop(model, rows, steps: int, device: str) -> dict:
@@ -159,6 +166,7 @@ def _run_reference_loop(model, rows, steps: int, device: str) -> dict:
     optim = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
     sched = get_scheduler("cosine", optim, num_warmup_steps=0, num_training_steps=steps)
     start, cpu = time.perf_counter(), time.process_time()
+    trace = []
     for i in range(steps):
         ids = rows[i * s["batch"]:(i + 1) * s["batch"]].to(device)
         t = torch.rand(s["batch"], 1, device=device).expand_as(ids).clamp_min(1e-5)
@@ -171,9 +179,10 @@ def _run_reference_loop(model, rows, steps: int, device: str) -> dict:
         optim.step()
         optim.zero_grad(set_to_none=True)
         sched.step()
+        trace.append(_peak_mb(device))
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     return {"variant": "reference", "steps": steps, "wall_s": wall, "cpu_s": cpu, "peak_mb": _peak_mb(device),
-            "last_loss": loss.item()}
+            "last_loss": loss.item(), "peak_trace": trace}
 
 
 def profile_step(sparse: bool, steps: int, device: str, compile_model: bool = False) -> dict:
@@ -260,7 +269,7 @@ def main_run(args) -> str:
              f"{s['batch']} x {s['seq_len']} rows, runs of {short} and {long_} steps, {args.repeats} alternating "
              f"repeat(s)\n",
              f"| variant | wall s/step | CPU s/step | peak MB at {short} steps | peak MB at {long_} steps | growth | "
-             f"speed vs reference (CPU s) |", "|---|---|---|---|---|---|---|"]
+             f"one run: peak at step {short} -> {long_} | speed vs reference (CPU s) |", "|---|---|---|---|---|---|---|---|"]
     rate: dict[str, dict[str, float]] = {}
     for variant in args.variants:
         a, b = results[(variant, short)], results[(variant, long_)]
@@ -271,8 +280,13 @@ def main_run(args) -> str:
         pa = max(r["peak_mb"] for r in results[(variant, short)])
         pb = max(r["peak_mb"] for r in results[(variant, long_)])
         ref = f"{rate['reference']['cpu_s'] / rate[variant]['cpu_s']:.2f}x" if "reference" in rate else ""
+        # The long run's own trace: the peak after step `short` and at the end of the same process (no
+        # process-to-process variance of the start-up peak in the comparison).
+        traces = [r["peak_trace"] for r in results[(variant, long_)] if len(r.get("peak_trace", [])) == long_]
+        one = (" / ".join(f"{t[short - 1]:.0f} -> {t[-1]:.0f} ({100 * (t[-1] / t[short - 1] - 1):+.1f}%)" for t in traces)
+               if traces else "")
         lines.append(f"| {variant} | {rate[variant]['wall_s']:.3f} | {rate[variant]['cpu_s']:.3f} | {pa:.0f} | {pb:.0f} | "
-                     f"{100 * (pb / pa - 1):+.0f}% | {ref} |")
+                     f"{100 * (pb / pa - 1):+.0f}% | {one} | {ref} |")
     table = "\n".join(lines) + "\n"
     print(table)
     return table

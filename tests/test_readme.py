@@ -114,6 +114,10 @@ def shrink(command: str, model_dir: Path, corpus: Path, alpaca: Path) -> list[st
         i += 1
     if argv[1] == "prepare_sft_data.py" and "--data_files" not in out:
         out += ["--data_files", str(alpaca)]  # the default is tatsu-lab/alpaca on the hub
+    if argv[1] == "prepare_sft_data.py" and "--context_length" not in out:
+        # The default, 1024, keeps Alpaca answers of hundreds of tokens: the SFT canvas that inference.py then
+        # defaults to would make every later command sample hundreds of positions one at a time.
+        out += ["--context_length", TINY_VALUES["--context_length"]]
     step_flags = ("--num_training_steps", "--max_steps")
     if argv[1] in ("pretrain.py", "finetune_sft.py") and not any(f in out for f in step_flags):
         out += ["--max_steps", TINY_VALUES["--num_training_steps"]]  # the recipe's default is 30,000 SFT steps

@@ -12,9 +12,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dlm.sampling import SamplerConfig
+from dlm.sampler_config import PROMPT_CACHE_MODES, STRATEGIES, SamplerConfig
 
-Strategy = Literal["low_confidence", "random", "margin", "entropy"]
+Strategy = Literal[STRATEGIES]
+CacheMode = Literal[PROMPT_CACHE_MODES]
 
 # The sampler's fields that a request may set, by their API names (`steps` is --num_steps).
 SAMPLER_FIELDS = ("temperature", "top_p", "top_k", "steps", "block_length", "strategy", "threshold",
@@ -40,7 +41,7 @@ class SamplerFields(_Strict):
     entropy_bound: float | None = Field(None, gt=0)
     top_k: int | None = Field(None, ge=1)
     cfg_scale: float | None = Field(None, ge=0)
-    prompt_cache: Literal["auto", "off", "exact", "approx"] | None = Field(
+    prompt_cache: CacheMode | None = Field(
         None, description="The prompt cache for this request (inference.py --prompt_cache); rows whose caches "
                           "agree share forward passes.")
 

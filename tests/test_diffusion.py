@@ -136,6 +136,46 @@ def test_token_cross_entropy_matches_torch(dtype, monkeypatch):
     assert (ours[[3, 20, 36]] == 0).all() and (ours_in.grad[[3, 20, 36]] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("last_op", ["linear", "tanh"])
+def test_owned_logits_get_the_same_gradients_whether_or_not_overwritten(dtype, last_op, monkeypatch):
+    """`owned=True` writes the gradient into the logits' storage only when the op that made them kept no copy.
+
+    A linear layer's output is overwritten (no new [N, V] buffer); a tanh's output is saved by tanh's own
+    backward, so it must be left alone. Either way every upstream gradient equals F.cross_entropy's.
+    """
+    monkeypatch.setattr(dlm.diffusion, "_CE_CHUNK_ELEMENTS", 7 * 300)
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(37, 16, generator=g)
+    weight = (torch.randn(300, 16, generator=g) * 0.5).to(dtype)
+    bias = torch.randn(300, generator=g).to(dtype)
+    target = torch.randint(0, 300, (37,), generator=g)
+    target[[0, 36]] = IGNORE_INDEX
+    upstream = torch.rand(37, generator=g)
+    results = []
+    for ours in (True, False):
+        w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        logits = F.linear(hidden.to(dtype), w, b)
+        if last_op == "tanh":
+            logits = torch.tanh(logits)
+        storage = logits.untyped_storage().data_ptr()
+        if ours:
+            ce = token_cross_entropy(logits, target, owned=True)
+        else:
+            ce = F.cross_entropy(logits.float(), target, reduction="none", ignore_index=IGNORE_INDEX)
+        before = logits.detach().clone()
+        (ce * upstream).sum().backward()
+        overwritten = not torch.equal(logits.detach(), before)
+        results.append((ce.detach(), w.grad, b.grad, overwritten))
+        assert logits.untyped_storage().data_ptr() == storage
+    (ours_ce, ours_w, ours_b, overwritten), (ref_ce, ref_w, ref_b, _) = results
+    assert overwritten == (last_op == "linear")
+    torch.testing.assert_close(ours_ce, ref_ce.float(), atol=1e-5, rtol=1e-5)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(ours_w, ref_w, **tol)
+    torch.testing.assert_close(ours_b, ref_b, **tol)
+
+
 def test_static_shapes_same_loss_and_gradient(model, tokenizer):
     """Padding the masked rows up to a bucket changes neither the loss nor any parameter's gradient."""
     g = torch.Generator().manual_seed(6)

@@ -96,7 +96,8 @@ class DiffusionTrainer(AtomicCheckpoints, Trainer):
         accumulation = max(self.args.gradient_accumulation_steps, 1)
         b, length = input_ids.shape
         # The crop decision belongs to the global micro-batch: seeded by (step, micro), all ranks agree.
-        crop_draw = torch.rand(2, generator=self._generator(device, micro), device=device).tolist()
+        # Drawn on the CPU: the host needs it, and a draw on the GPU would stall the host until it is read.
+        crop_draw = torch.rand(2, generator=self._generator(torch.device("cpu"), micro)).tolist()
         if crop_draw[0] < self.crop_probability:
             length = 1 + int(crop_draw[1] * length)
             input_ids, maskable = input_ids[:, :length], maskable[:, :length]

@@ -219,11 +219,9 @@ def profile_step(sparse: bool, steps: int, device: str, compile_model: bool = Fa
     maskable = torch.ones(s["batch"], s["seq_len"], dtype=torch.bool, device=device)
     marks: dict[str, float] = {}
 
-    def now() -> float:  # CPU seconds of all the process's threads: robust to other jobs on a shared CPU
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-            return time.perf_counter()
-        return time.process_time()
+    def now() -> float:  # CPU: seconds of all the process's threads, robust to other jobs on a shared CPU
+        wall, cpu = _clock(device)
+        return wall if device.startswith("cuda") else cpu
 
     runner = torch.compile(model) if compile_model else model
     head = sparse_head_module(model)  # ModernBERT: dense + norm on the selected rows; `decoder` makes the logits

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -39,7 +40,6 @@ from lm_eval.api.registry import model_registry
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from dlm.errors import UsageError, run_main
-from dlm.prompts import encode_prompt
 from dlm.sampling import SamplerConfig, generate
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ class DLMEvalModel(TemplateLM):
         except UsageError:  # a tokenizer without chat markers: EOS ends a text, no turn ever ends
             self.eot_id = self.assistant_id = None
         self.passes = {"forward_calls": 0, "rows": 0}
+        self._renderings: dict[str, list[int]] = {}  # apply_chat_template's texts -> ids
         self.model.register_forward_pre_hook(self._count_pass, with_kwargs=True)
         self.last_loglikelihoods: list[dict] = []
         self.last_generations: list[dict] = []
@@ -187,16 +188,45 @@ class DLMEvalModel(TemplateLM):
         return str(self.tokenizer.name_or_path).replace("/", "__")
 
     def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
-        """The checkpoint's own chat template (--apply_chat_template, --system_instruction, --fewshot_as_multiturn)."""
-        from dlm.tokenization import render_chat
+        """The checkpoint's own chat template (--apply_chat_template, --system_instruction, --fewshot_as_multiturn).
 
-        return render_chat(self.tokenizer, chat_history, add_generation_prompt=add_generation_prompt)
+        The harness gets text back and hands it to `tok_encode` later: the rendering is remembered with its
+        ids, so that only the template's markers become marker ids and the messages stay text."""
+        from dlm.tokenization import encode_chat, render_chat
+
+        text = render_chat(self.tokenizer, chat_history, add_generation_prompt=add_generation_prompt)
+        self._renderings[text] = encode_chat(self.tokenizer, chat_history, add_generation_prompt)
+        return text
+
+    def _rendered_prefix(self, string: str) -> tuple[int, list[int]] | None:
+        """(length, ids) of the longest chat rendered by `apply_chat_template` that `string` starts with.
+
+        A rendering ends with a marker (or is the bare BOS), so only the prefixes ending at one are looked up."""
+        if not self._renderings:
+            return None
+        from dlm.tokenization import CHAT_TOKENS
+
+        markers = [*CHAT_TOKENS, *([self.tokenizer.bos_token] if self.tokenizer.bos_token else [])]
+        ends = {m.end() for m in re.finditer("|".join(re.escape(t) for t in markers), string)}
+        for end in sorted(ends, reverse=True):
+            if string[:end] in self._renderings:
+                return end, self._renderings[string[:end]]
+        return None
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        """Ids of a text; a context starts with BOS, as every training row does (a rendered chat already has it)."""
-        ids = self.tokenizer(string, add_special_tokens=False)["input_ids"]
+        """Ids of a text; a context starts with BOS, as every training row does (a rendered chat already has it).
+
+        Text is text: a special token's string in it is ordinary tokens; only a chat this model rendered
+        (`apply_chat_template`) brings its markers, and `[MASK*n]` is not the infill syntax here."""
+        from dlm.tokenization import encode_text
+
+        rendered = self._rendered_prefix(string)
+        if rendered is not None:
+            end, ids = rendered
+            return ids + encode_text(self.tokenizer, string[end:])
+        ids = encode_text(self.tokenizer, string)
         bos = self.tokenizer.bos_token_id
-        if add_special_tokens is not False and bos is not None and (not ids or ids[0] != bos):
+        if add_special_tokens is not False and bos is not None:
             ids = [bos] + ids
         return ids
 
@@ -204,19 +234,24 @@ class DLMEvalModel(TemplateLM):
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     def _rendered(self, context: str) -> bool:
-        bos = self.tokenizer.bos_token
-        return bool(bos) and context.startswith(bos)
+        return self._rendered_prefix(context) is not None
+
+    def _user_turn(self, context: str) -> list[int]:
+        """A plain context as one user turn with the generation prompt (model_args chat=true)."""
+        from dlm.tokenization import encode_chat
+
+        return encode_chat(self.tokenizer, [{"role": "user", "content": context}], add_generation_prompt=True)
 
     def encode_context(self, context: str) -> list[int]:
         """Prompt ids: verbatim when the harness rendered the chat template, one user turn with chat=true."""
         if self.chat and not self._rendered(context):
-            return encode_prompt(self.tokenizer, context, chat=True)
+            return self._user_turn(context)
         return self.tok_encode(context)
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         if self.chat and not self._rendered(context):
             # The generation prompt ends with <|assistant|>: the answer tokenizes on its own (DESIGN's prefix rule).
-            return encode_prompt(self.tokenizer, context, chat=True), self.tok_encode(continuation, False)
+            return self._user_turn(context), self.tok_encode(continuation, False)
         return super()._encode_pair(context, continuation)
 
     # ------------------------------------------------------------------ loglikelihood

@@ -6,34 +6,32 @@ exactly as training rendered it.
 
 from __future__ import annotations
 
-import re
-
 from dlm.errors import UsageError
-from dlm.tokenization import encode_chat, special_ids
-
-# `[MASK*5]` is five masks to fill in place; a bare `[MASK]` is one.
-MASK_SPAN = re.compile(r"\[MASK(?:\*(\d+))?\]")
+from dlm.tokenization import MASK_SPAN, encode_chat, encode_text, special_ids
 
 Prompt = str | list[int] | list[dict]
 
 
 def expand_mask_spans(text: str, mask_token: str) -> str:
-    """Replace `[MASK*n]` (and `[MASK]`) by n copies of the tokenizer's own mask token."""
+    """Replace `[MASK*n]` (and `[MASK]`) by n copies of the tokenizer's own mask token (display only:
+    `encode_prompt` never tokenizes this string, since the mask token's string is text)."""
     return MASK_SPAN.sub(lambda m: mask_token * int(m.group(1) or 1), text)
 
 
 def encode_prompt(tokenizer, prompt: Prompt, chat: bool = True) -> list[int]:
     """Token ids of one prompt: text (through the chat template unless `chat=False`), a list of chat
-    messages (always templated, generation prompt added), or ids taken verbatim."""
+    messages (always templated, generation prompt added), or ids taken verbatim.
+
+    Text is text: special-token strings in a prompt or message never become special ids, except the
+    infill syntax `[MASK*n]` / `[MASK]`, which is n mask ids (in a chat message too)."""
     if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
         return list(prompt)
     if isinstance(prompt, list):
-        messages = [{**m, "content": expand_mask_spans(m["content"], tokenizer.mask_token)} for m in prompt]
-        return encode_chat(tokenizer, messages, add_generation_prompt=True)
-    text = expand_mask_spans(prompt, tokenizer.mask_token)
+        return encode_chat(tokenizer, prompt, add_generation_prompt=True, mask_spans=True)
     if chat:
-        return encode_chat(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True,
+                           mask_spans=True)
+    ids = encode_text(tokenizer, prompt, mask_spans=True)
     # Without a template the model still expects its start token first, as in training rows.
     return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
 

@@ -12,6 +12,11 @@ prompt is always an exact token prefix of the training rendering, for any tokeni
 Chat markers reuse the tokenizer's reserved entries (ModernBERT ships `[unused0]`...) so the
 embedding matrix keeps its size; only when there are too few are new tokens added, and then
 the model's embedding matrix grows to a multiple of 64 (`modeling.resize_for_tokenizer`).
+
+Text is text: content is tokenized with special-token matching off, so a message, prompt or corpus record
+holding the literal string `<|eot|>`, `<|system|>` or `[MASK]` gets ordinary tokens that decode back to that
+string; only the template's own markers (and, in inference prompts only, the `[MASK*n]` infill syntax)
+become special ids.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import hashlib
 import json
 import logging
 import re
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +61,10 @@ CHAT_TEMPLATE = (
 )
 
 EMBEDDING_MULTIPLE = 64
+
+# `[MASK*5]` is five masks to fill in place, a bare `[MASK]` one: the infill syntax of inference prompts
+# (text and chat messages). In training data (corpus and SFT records) it is plain text like any other.
+MASK_SPAN = re.compile(r"\[MASK(?:\*(\d+))?\]")
 
 
 @dataclass(frozen=True)
@@ -184,10 +194,93 @@ def render_chat(tokenizer: PreTrainedTokenizerFast, messages: Sequence[dict], ad
     return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def encode_chat(tokenizer: PreTrainedTokenizerFast, messages: Sequence[dict], add_generation_prompt: bool = False) -> list[int]:
-    """Token ids of a rendered chat (special tokens come from the template, none are added)."""
-    text = render_chat(tokenizer, messages, add_generation_prompt)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+# Per tokenizer: (its vocabulary size, a copy of its Rust backend that never matches special tokens).
+_TEXT_BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _text_backend(tokenizer: PreTrainedTokenizerFast) -> Tokenizer:
+    """A copy of the tokenizer's backend that reads the strings of special tokens as plain text.
+
+    A copy, not the `split_special_tokens` call flag: that flag is a setting of the shared backend, which a
+    concurrent call (the server's threads) could flip between setting it and encoding.
+    """
+    size = tokenizer.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+    cached = _TEXT_BACKENDS.get(tokenizer)
+    if cached is None or cached[0] != size:
+        backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        backend.no_truncation()
+        backend.no_padding()
+        backend.encode_special_tokens = True
+        cached = (size, backend)
+        _TEXT_BACKENDS[tokenizer] = cached
+    return cached[1]
+
+
+def encode_texts(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str]) -> list[list[int]]:
+    """Ids of each text, in one batched call, with no special tokens added and none read from the text:
+    the literal string of a special token becomes ordinary tokens that decode back to it."""
+    if not texts:
+        return []
+    return [e.ids for e in _text_backend(tokenizer).encode_batch_fast(list(texts), add_special_tokens=False)]
+
+
+def encode_text(tokenizer: PreTrainedTokenizerFast, text: str, mask_spans: bool = False) -> list[int]:
+    """Ids of one text (see `encode_texts`); with `mask_spans`, each `[MASK*n]` / `[MASK]` is n mask ids."""
+    if not mask_spans:
+        return encode_texts(tokenizer, [text])[0]
+    parts = MASK_SPAN.split(text)  # [text, n, text, n, ..., text]; n is None for a bare [MASK]
+    pieces = encode_texts(tokenizer, [p for p in parts[::2] if p])
+    ids, pieces = [], iter(pieces)
+    for i, part in enumerate(parts):
+        if i % 2:
+            ids += [tokenizer.mask_token_id] * int(part or 1)
+        elif part:
+            ids += next(pieces)
+    return ids
+
+
+def encode_chats(tokenizer: PreTrainedTokenizerFast, chats: Sequence[Sequence[dict]],
+                 add_generation_prompt: bool = False,
+                 mask_spans: bool = False) -> tuple[list[list[int]], list[list[int]]]:
+    """Ids of chats as `CHAT_TEMPLATE` renders them, and their answer masks (1 on each assistant turn's
+    content and end-of-turn), with every message's content tokenized as text (`encode_texts`).
+
+    The template's markers are inserted as ids, so they are the only chat markers in the result; all
+    contents of the batch are tokenized in one call. With `mask_spans` (inference prompts), `[MASK*n]` in a
+    message is n mask ids.
+    """
+    ids_of = special_ids(tokenizer)
+    markers = {"system": ids_of.system, "user": ids_of.user, "assistant": ids_of.assistant}
+    for chat in chats:
+        for message in chat:
+            if message["role"] not in markers:
+                raise UsageError(f"chat role must be system, user or assistant, got {message['role']!r}")
+    contents = [m["content"] for chat in chats for m in chat]
+    if mask_spans:
+        encoded = iter([encode_text(tokenizer, c, mask_spans=True) for c in contents])
+    else:
+        encoded = iter(encode_texts(tokenizer, contents))
+    all_ids, all_masks = [], []
+    for chat in chats:
+        ids, mask = [ids_of.bos], [0]
+        for message in chat:
+            content = next(encoded)
+            answer = int(message["role"] == "assistant")
+            ids += [markers[message["role"]], *content, ids_of.eot]
+            mask += [0] + [answer] * (len(content) + 1)
+        if add_generation_prompt:
+            ids.append(ids_of.assistant)
+            mask.append(0)
+        all_ids.append(ids)
+        all_masks.append(mask)
+    return all_ids, all_masks
+
+
+def encode_chat(tokenizer: PreTrainedTokenizerFast, messages: Sequence[dict], add_generation_prompt: bool = False,
+                mask_spans: bool = False) -> list[int]:
+    """Token ids of a chat as the template renders it: the template's markers are the only special ids
+    (content is text, see `encode_chats`)."""
+    return encode_chats(tokenizer, [messages], add_generation_prompt, mask_spans)[0][0]
 
 
 def train_tokenizer(files: Iterable[str | Path] | None = None, vocab_size: int = 8192,
@@ -266,7 +359,7 @@ def smallest_uint_dtype(vocab_size: int) -> str:
 
 def describe_tokenizer(tokenizer: PreTrainedTokenizerFast, text: str) -> str:
     """Human-readable view of how `text` tokenizes, the special ids, and a rendered two-turn chat."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = encode_text(tokenizer, text)
     chat = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": text},
             {"role": "assistant", "content": "OK."}]
     chat_ids = encode_chat(tokenizer, chat)

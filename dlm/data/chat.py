@@ -173,17 +173,14 @@ def check_records(located: Iterable[tuple[str, dict]], fmt: str, skipped: Counte
 def encode_sft_batch(tokenizer, chats: Sequence[Sequence[dict]]) -> tuple[list[list[int]], list[np.ndarray]]:
     """Ids (exactly `encode_chat` of each chat) and answer masks for a batch of chats.
 
-    The mask is 1 on each assistant turn's content and its end-of-turn: the chat template marks them
-    with a {% generation %} block, which `return_assistant_tokens_mask` maps to tokens.
+    The mask is 1 on each assistant turn's content and its end-of-turn (the template's {% generation %}
+    block). Record text is text: `[MASK]` or `<|eot|>` written in a record is ordinary tokens, never the
+    special ids (`dlm.tokenization.encode_chats`).
     """
-    if not chats:
-        return [], []
-    if "generation" not in (tokenizer.chat_template or ""):
-        raise UsageError("the chat template has no {% generation %} block to mark the answer tokens: "
-                         "prepare the tokenizer with tokenizer.py")
-    enc = tokenizer.apply_chat_template([list(c) for c in chats], tokenize=True, return_dict=True,
-                                        return_assistant_tokens_mask=True)
-    return enc["input_ids"], [np.asarray(m, dtype=np.uint8) for m in enc["assistant_masks"]]
+    from dlm.tokenization import encode_chats  # here, not above: that module loads torch (2 s)
+
+    ids, masks = encode_chats(tokenizer, chats)
+    return ids, [np.asarray(m, dtype=np.uint8) for m in masks]
 
 
 def max_token_chars(tokenizer) -> int:

@@ -93,10 +93,10 @@ def text_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
 
 
 def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
-    if not texts:  # transformers fails on an empty batch (IndexError)
-        return []
-    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
-                     return_token_type_ids=False)["input_ids"]
+    """Ids of a batch of documents; a special token's string in a document is text, never its id."""
+    from dlm.tokenization import encode_texts  # here, not above: that module loads torch (2 s)
+
+    return encode_texts(tokenizer, texts)
 
 
 def _tokenize_long(tokenizer, text: str) -> np.ndarray:
